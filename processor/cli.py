@@ -1,0 +1,65 @@
+"""`trace-processor`: the worker, the local stack, demo traffic and admin commands."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import click
+from rich.console import Console
+
+from processor.demo import demo_command
+from processor.errors import ProcessorError
+from processor.loadgen.cli import loadgen_command
+from processor.stack.cli import stack_group
+
+console = Console(stderr=True)
+
+
+@click.group()
+@click.version_option(package_name="agent-trace-processor")
+def main() -> None:
+    """Stream processor for LLM agent traces: Kafka -> Phoenix spans and MLflow rollups."""
+
+
+@main.command()
+def worker() -> None:
+    """Run a worker (stages 1 and 2). Start more anywhere: the consumer group shares the work."""
+    from processor.settings import load_worker_settings
+    from processor.worker.app import run_worker
+
+    try:
+        settings = load_worker_settings()
+        run_worker(settings)
+    except ProcessorError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        sys.exit(1)
+
+
+@main.group()
+def topics() -> None:
+    """Manage the processor's Kafka topics."""
+
+
+@topics.command("create")
+def topics_create() -> None:
+    """Create the spans, dead-letter and partials topics (checks existing partition counts)."""
+    from processor.settings import load_worker_settings
+    from processor.worker.topics import ensure_topics
+
+    try:
+        counts = asyncio.run(ensure_topics(load_worker_settings()))
+    except ProcessorError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        sys.exit(1)
+    for name, partitions in sorted(counts.items()):
+        click.echo(f"{name}: {partitions} partitions")
+
+
+main.add_command(stack_group, "stack")
+main.add_command(loadgen_command, "loadgen")
+main.add_command(demo_command, "demo")
+
+
+if __name__ == "__main__":
+    main()

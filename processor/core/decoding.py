@@ -1,0 +1,397 @@
+"""Decode OTLP trace export requests (protobuf or JSON) into validated span records.
+
+``decode_request`` turns bytes into an ``ExportTraceServiceRequest`` or raises ``DecodeError``
+with a reason; ``extract_spans`` validates every span and pulls out what the rest of the
+pipeline needs. A span that breaks a rule is returned as a ``RejectedSpan``, never dropped.
+
+Reasons (stable, used as dead-letter headers and metric labels):
+``empty_message``, ``message_too_large``, ``unsupported_content_type``, ``invalid_protobuf``,
+``invalid_json``, ``not_otlp_traces``, ``too_many_spans``, ``missing_trace_id``,
+``missing_span_id``, ``invalid_parent_span_id``, ``end_before_start``, ``attribute_too_large``,
+``absurd_value`` (a token count or cost no real call can have: it would overflow the sums).
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import re
+from typing import Any
+
+import orjson
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError as ProtobufDecodeError
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+
+from processor.core import semconv
+from processor.core.spans import (
+    COST_NANOS_PER_USD,
+    DecodedMessage,
+    RejectedSpan,
+    SpanOrigin,
+    SpanRecord,
+)
+from processor.errors import DecodeError
+
+PROTOBUF_CONTENT_TYPES = frozenset({"application/x-protobuf", "application/protobuf"})
+JSON_CONTENT_TYPES = frozenset({"application/json"})
+MAX_MESSAGE_BYTES = 64 << 20
+# Per span. Far above any real model call, far below what would overflow the unsigned 64-bit
+# sums of a window (the partial's JSON encoding cannot hold more).
+MAX_TOKENS_PER_SPAN = 1 << 40
+MAX_COST_NANOS_PER_SPAN = 1_000_000 * COST_NANOS_PER_USD  # one million USD
+_MAX_DIGITS = 20
+
+_ZERO_TRACE_ID = bytes(16)
+_ZERO_SPAN_ID = bytes(8)
+_STATUS_ERROR = Status.STATUS_CODE_ERROR
+
+
+def decode_request(payload: bytes, content_type: str | None = None) -> ExportTraceServiceRequest:
+    """Parse one message. The encoding comes from ``content_type``, else from the bytes."""
+    if not payload:
+        raise DecodeError("empty_message", "the message has no bytes")
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise DecodeError(
+            "message_too_large", f"{len(payload)} bytes, the limit is {MAX_MESSAGE_BYTES}"
+        )
+    if _encoding_of(payload, content_type) == "json":
+        # An explicit ``"resourceSpans": []`` is a valid, empty request.
+        return _parse_json(payload)
+    request = _parse_protobuf(payload)
+    if not request.resource_spans:
+        # Non-empty bytes that parse to nothing are unknown fields only: not a trace export.
+        raise DecodeError("not_otlp_traces", "no resourceSpans in a non-empty message")
+    return request
+
+
+def _encoding_of(payload: bytes, content_type: str | None) -> str:
+    if content_type:
+        media_type = content_type.split(";", 1)[0].strip().lower()
+        if media_type in PROTOBUF_CONTENT_TYPES:
+            return "protobuf"
+        if media_type in JSON_CONTENT_TYPES:
+            return "json"
+        raise DecodeError(
+            "unsupported_content_type",
+            f"{content_type!r}; send application/x-protobuf or application/json",
+        )
+    # No header (the Collector's Kafka exporter sets none): a protobuf
+    # ExportTraceServiceRequest starts with field 1 (tag 0x0a), never with "{" or "[", so
+    # anything that starts like JSON is judged as JSON and gets a JSON reason.
+    return "json" if payload.lstrip()[:1] in (b"{", b"[") else "protobuf"
+
+
+def _parse_protobuf(payload: bytes) -> ExportTraceServiceRequest:
+    try:
+        return ExportTraceServiceRequest.FromString(payload)
+    except ProtobufDecodeError as exc:
+        raise DecodeError("invalid_protobuf", str(exc) or "truncated or malformed") from exc
+
+
+def _parse_json(payload: bytes) -> ExportTraceServiceRequest:
+    try:
+        document = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError("invalid_json", str(exc)) from exc
+    if not isinstance(document, dict) or "resourceSpans" not in document:
+        raise DecodeError("not_otlp_traces", "a JSON object with resourceSpans was expected")
+    try:
+        _hex_ids_to_base64(document)
+        # OTLP/JSON receivers must ignore fields they do not know (newer senders add some).
+        return json_format.ParseDict(
+            document, ExportTraceServiceRequest(), ignore_unknown_fields=True
+        )
+    except (json_format.ParseError, ValueError, TypeError, AttributeError) as exc:
+        raise DecodeError("not_otlp_traces", _readable_parse_error(exc)) from exc
+
+
+_PARSE_STEP = re.compile(r"Failed to parse (\w+) field: ")
+
+
+def _readable_parse_error(exc: Exception) -> str:
+    """``resourceSpans.scopeSpans.spans.traceId: <cause>`` instead of a nested sentence."""
+    text = str(exc)
+    path = []
+    position = 0
+    while match := _PARSE_STEP.match(text, position):
+        path.append(match.group(1))
+        position = match.end()
+    cause = text[position:].rstrip(".") or type(exc).__name__
+    detail = f"{'.'.join(path)}: {cause}" if path else cause
+    return detail if len(detail) <= 300 else detail[:297] + "..."
+
+
+def _hex_ids_to_base64(document: dict[str, Any]) -> None:
+    """OTLP/JSON writes ids as hex; protobuf's JSON mapping expects base64 for bytes."""
+    for resource_spans in document.get("resourceSpans") or ():
+        for scope_spans in resource_spans.get("scopeSpans") or ():
+            for span in scope_spans.get("spans") or ():
+                _convert_ids(span, ("traceId", "spanId", "parentSpanId"))
+                for link in span.get("links") or ():
+                    _convert_ids(link, ("traceId", "spanId"))
+
+
+def _convert_ids(obj: dict[str, Any], names: tuple[str, ...]) -> None:
+    for name in names:
+        value = obj.get(name)
+        if isinstance(value, str) and value:
+            try:
+                obj[name] = base64.b64encode(bytes.fromhex(value)).decode("ascii")
+            except ValueError as exc:
+                raise ValueError(f"{name} is not hex: {value[:40]!r}") from exc
+
+
+def extract_spans(
+    request: ExportTraceServiceRequest,
+    config: semconv.ExtractionConfig,
+    *,
+    payload_size: int = 0,
+) -> DecodedMessage:
+    """Validate every span of ``request`` and build records for the good ones.
+
+    Raises ``DecodeError("too_many_spans")`` for a request over the limit; every other problem
+    is per span and comes back in ``rejected``, in the order of the request.
+
+    ``payload_size`` lets the per-attribute size check be skipped when the whole message is
+    smaller than the limit (no attribute can then exceed it), which keeps the hot path short.
+    """
+    total = sum(
+        len(scope.spans) for resource in request.resource_spans for scope in resource.scope_spans
+    )
+    if total > config.max_spans_per_message:
+        raise DecodeError(
+            "too_many_spans", f"{total} spans, the limit is {config.max_spans_per_message}"
+        )
+    check_sizes = payload_size == 0 or payload_size > config.max_attribute_value_bytes
+    spans: list[SpanRecord] = []
+    rejected: list[RejectedSpan] = []
+    for resource_spans in request.resource_spans:
+        resource = resource_spans.resource
+        service_name, project, resource_dimensions = _resource_values(
+            resource.attributes, config.dimension_attributes
+        )
+        for scope_spans in resource_spans.scope_spans:
+            origin = SpanOrigin(
+                resource=resource,
+                scope=scope_spans.scope,
+                resource_schema_url=resource_spans.schema_url,
+                scope_schema_url=scope_spans.schema_url,
+                service_name=service_name,
+                project=project,
+            )
+            for span in scope_spans.spans:
+                problem = _problem_of(span, config, check_sizes)
+                if problem is None:
+                    record = _record_of(span, origin, config, resource_dimensions)
+                    if isinstance(record, SpanRecord):
+                        spans.append(record)
+                        continue
+                    problem = record
+                rejected.append(RejectedSpan(problem[0], problem[1], span, origin))
+    return DecodedMessage(spans=spans, rejected=rejected)
+
+
+def _problem_of(
+    span: Span, config: semconv.ExtractionConfig, check_sizes: bool
+) -> tuple[str, str] | None:
+    trace_id = span.trace_id
+    if len(trace_id) != 16 or trace_id == _ZERO_TRACE_ID:
+        return "missing_trace_id", f"trace id {trace_id.hex()!r} is not 16 non-zero bytes"
+    span_id = span.span_id
+    if len(span_id) != 8 or span_id == _ZERO_SPAN_ID:
+        return "missing_span_id", f"span id {span_id.hex()!r} is not 8 non-zero bytes"
+    if len(span.parent_span_id) not in (0, 8):
+        return "invalid_parent_span_id", f"parent span id {span.parent_span_id.hex()!r}"
+    if span.end_time_unix_nano < span.start_time_unix_nano:
+        return "end_before_start", (
+            f"end {span.end_time_unix_nano} < start {span.start_time_unix_nano}"
+        )
+    if check_sizes:
+        limit = config.max_attribute_value_bytes
+        for kv in span.attributes:
+            value = kv.value
+            # ByteSize() is an upper bound of the payload (it adds a tag and a length), so the
+            # exact measure is only needed for the rare value near the limit.
+            if value.ByteSize() > limit and _value_bytes(value) > limit:
+                return "attribute_too_large", f"attribute {kv.key!r} is over {limit} bytes"
+    return None
+
+
+def _value_bytes(value: AnyValue) -> int:
+    kind = value.WhichOneof("value")
+    if kind == "string_value":
+        return len(value.string_value.encode("utf-8"))
+    if kind == "bytes_value":
+        return len(value.bytes_value)
+    return value.ByteSize()  # arrays and key-value lists: their encoded size
+
+
+def _record_of(
+    span: Span,
+    origin: SpanOrigin,
+    config: semconv.ExtractionConfig,
+    resource_dimensions: dict[str, str],
+) -> SpanRecord | tuple[str, str]:
+    """The span's record, or the (reason, detail) of a value no real span can have."""
+    # Only the AnyValue of a wanted key is touched: most attributes (input.value, output.value,
+    # metadata) are skipped after one set lookup, without reading their value.
+    wanted = config.wanted_keys
+    found: dict[str, AnyValue] = {}
+    for kv in span.attributes:
+        key = kv.key
+        if key in wanted:
+            found[key] = kv.value
+
+    own_agent = None
+    for name in config.agent_attributes:
+        value = found.get(name)
+        if value is not None and value.string_value:
+            own_agent = value.string_value
+            break
+
+    kind = found.get(semconv.SPAN_KIND)
+    operation = found.get(semconv.GEN_AI_OPERATION)
+    is_llm = (kind is not None and kind.string_value == semconv.LLM_KIND) or (
+        operation is not None and operation.string_value in semconv.GEN_AI_LLM_OPERATIONS
+    )
+    prompt = completion = total = cost_nanos = 0
+    if is_llm:
+        prompt = _tokens_of(found, semconv.TOKENS_PROMPT, semconv.GEN_AI_INPUT_TOKENS)
+        completion = _tokens_of(found, semconv.TOKENS_COMPLETION, semconv.GEN_AI_OUTPUT_TOKENS)
+        total = _int_of(found.get(semconv.TOKENS_TOTAL)) or prompt + completion
+        if max(prompt, completion, total) > MAX_TOKENS_PER_SPAN:
+            return "absurd_value", (
+                f"token counts {prompt}/{completion}/{total} (prompt/completion/total), "
+                f"the limit is {MAX_TOKENS_PER_SPAN}"
+            )
+        cost_nanos = _cost_nanos(found, prompt, completion, config)
+        if cost_nanos > MAX_COST_NANOS_PER_SPAN:
+            return "absurd_value", f"cost {cost_nanos / COST_NANOS_PER_USD:.6g} USD for one span"
+
+    dimensions: tuple[str, ...] = ()
+    if config.dimension_attributes:
+        dimensions = tuple(
+            _dimension_of(found.get(name), resource_dimensions.get(name, ""))
+            for name in config.dimension_attributes
+        )
+    return SpanRecord(
+        trace_id=span.trace_id,
+        span_id=span.span_id,
+        parent_span_id=span.parent_span_id,
+        start_ns=span.start_time_unix_nano,
+        end_ns=span.end_time_unix_nano,
+        is_error=span.status.code == _STATUS_ERROR,
+        own_agent=own_agent,
+        is_llm=is_llm,
+        tokens_prompt=prompt,
+        tokens_completion=completion,
+        tokens_total=total,
+        cost_nanos=cost_nanos,
+        dimensions=dimensions,
+        tracestate=span.trace_state,
+        origin=origin,
+        pb=span,
+    )
+
+
+def _tokens_of(found: dict[str, AnyValue], name: str, fallback: str) -> int:
+    """OpenInference's count when the attribute is there, else the GenAI one."""
+    value = found.get(name)
+    return _int_of(value if value is not None else found.get(fallback))
+
+
+def _int_of(value: AnyValue | None) -> int:
+    """A non-negative count from an int, a finite double or an ASCII digit string; else 0."""
+    if value is None:
+        return 0
+    number = value.int_value
+    if number:  # the common case, without asking which member of the oneof is set
+        return number if number > 0 else 0
+    kind = value.WhichOneof("value")
+    if kind == "double_value":
+        double = value.double_value
+        return int(double) if math.isfinite(double) and double > 0 else 0
+    if kind == "string_value":
+        text = value.string_value.strip()
+        # isdigit() alone accepts "²" and other digits int() refuses; length bounds int().
+        if text.isascii() and text.isdigit() and len(text) <= _MAX_DIGITS:
+            return int(text)
+    return 0
+
+
+def _cost_nanos(
+    found: dict[str, AnyValue], prompt: int, completion: int, config: semconv.ExtractionConfig
+) -> int:
+    cost = _usd_of(found.get(semconv.COST_TOTAL))
+    if cost is not None:
+        return round(cost * COST_NANOS_PER_USD)
+    model = ""
+    for name in (semconv.MODEL_NAME, semconv.GEN_AI_RESPONSE_MODEL, semconv.GEN_AI_REQUEST_MODEL):
+        value = found.get(name)
+        if value is not None and value.string_value:
+            model = value.string_value
+            break
+    price = config.prices.get(model) if model else None
+    if price is None:
+        return 0
+    usd = (prompt * price.prompt_per_million + completion * price.completion_per_million) / 1e6
+    return round(usd * COST_NANOS_PER_USD)
+
+
+def _usd_of(value: AnyValue | None) -> float | None:
+    """A reported cost: a finite, non-negative number; None sends the caller to the prices."""
+    if value is None:
+        return None
+    kind = value.WhichOneof("value")
+    if kind == "double_value":
+        usd = value.double_value
+    elif kind == "int_value":
+        usd = float(value.int_value)
+    else:
+        return None
+    return usd if math.isfinite(usd) and usd >= 0 else None
+
+
+def _scalar_of(value: AnyValue) -> str | int | float | bool | None:
+    kind = value.WhichOneof("value")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "int_value":
+        return value.int_value
+    if kind == "double_value":
+        return value.double_value
+    if kind == "bool_value":
+        return value.bool_value
+    return None
+
+
+def _dimension_of(value: AnyValue | None, fallback: str) -> str:
+    """A span's dimension value; its resource's when the span has no scalar value for it."""
+    if value is None:
+        return fallback
+    scalar = _scalar_of(value)
+    return fallback if scalar is None else str(scalar)
+
+
+def _resource_values(
+    attributes: Any, dimension_names: tuple[str, ...]
+) -> tuple[str | None, str | None, dict[str, str]]:
+    """``service.name``, the OpenInference project and the dimension values of a resource."""
+    service_name = project = None
+    dimensions: dict[str, str] = {}
+    kv: KeyValue
+    for kv in attributes:
+        key = kv.key
+        is_string = kv.value.WhichOneof("value") == "string_value"
+        if key == semconv.SERVICE_NAME and is_string:
+            service_name = kv.value.string_value
+        elif key == semconv.PROJECT_NAME and is_string:
+            project = kv.value.string_value
+        if key in dimension_names:
+            scalar = _scalar_of(kv.value)
+            if scalar is not None:
+                dimensions[key] = str(scalar)
+    return service_name, project, dimensions

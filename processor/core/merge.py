@@ -1,0 +1,85 @@
+"""Stage 2: merge the partials of every source partition into final window rollups.
+
+``RollupMerger`` keeps, per (series, window), the latest partial of each source partition (a
+replayed partial replaces its twin, so nothing is counted twice) and each partition's progress.
+A window is final once every source partition has closed it, or, when some partition stays
+silent, ``max_wait_ms`` of wall-clock time after its first partial arrived; such a window is
+marked incomplete.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from processor.core.aggregate import WindowAggregate
+from processor.core.rollup import FinalRollup, PartialRollup, PartitionProgress, SeriesKey
+
+
+@dataclass(slots=True)
+class _PendingWindow:
+    window_size_ms: int
+    first_seen_ms: int
+    partials: dict[int, PartialRollup] = field(default_factory=dict)
+
+
+class RollupMerger:
+    def __init__(self, *, source_partitions: int, max_wait_ms: int) -> None:
+        if source_partitions < 1:
+            raise ValueError("source_partitions must be at least 1")
+        self._source_partitions = source_partitions
+        self._max_wait_ms = max_wait_ms
+        self._pending: dict[tuple[SeriesKey, int], _PendingWindow] = {}
+        self._closed_until: dict[int, int] = {}
+
+    @property
+    def source_partitions(self) -> int:
+        return self._source_partitions
+
+    def add_partial(self, partial: PartialRollup, now_ms: int) -> None:
+        key = (partial.series, partial.window_start_ms)
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = self._pending[key] = _PendingWindow(partial.window_size_ms, now_ms)
+        pending.partials[partial.source_partition] = partial
+
+    def add_progress(self, progress: PartitionProgress) -> None:
+        previous = self._closed_until.get(progress.source_partition)
+        if previous is None or progress.closed_until_ms > previous:
+            self._closed_until[progress.source_partition] = progress.closed_until_ms
+
+    def all_closed_until(self) -> int | None:
+        """The time before which every source partition has closed its windows."""
+        if len(self._closed_until) < self._source_partitions:
+            return None
+        return min(self._closed_until.values())
+
+    def ready(self, now_ms: int) -> list[FinalRollup]:
+        """Pop and return every window that is final now, oldest first."""
+        closed = self.all_closed_until()
+        finals: list[FinalRollup] = []
+        for key in sorted(self._pending, key=lambda k: (k[1], k[0].agent, k[0].dimensions)):
+            series, start = key
+            pending = self._pending[key]
+            end = start + pending.window_size_ms
+            complete = closed is not None and end <= closed
+            if not complete and now_ms - pending.first_seen_ms < self._max_wait_ms:
+                continue
+            del self._pending[key]
+            merged = WindowAggregate()
+            for source in sorted(pending.partials):
+                merged.merge(pending.partials[source].aggregate)
+            finals.append(
+                FinalRollup(
+                    series=series,
+                    window_start_ms=start,
+                    window_size_ms=pending.window_size_ms,
+                    aggregate=merged,
+                    source_partitions=tuple(sorted(pending.partials)),
+                    complete=complete,
+                )
+            )
+        return finals
+
+    @property
+    def pending_windows(self) -> int:
+        return len(self._pending)

@@ -1,0 +1,181 @@
+"""The simulated agent application: who calls whom, how fast, how often things fail, what it costs.
+
+A `Scenario` is the handful of knobs a user sets; `AgentProfile` is what the generator derives
+from it, deterministically from the seed, for the orchestrator and each specialist.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+ORCHESTRATOR = "orchestrator"
+
+# LangGraph-style node names; past the end of this list specialists are numbered.
+SPECIALIST_NAMES = (
+    "researcher",
+    "coder",
+    "critic",
+    "planner",
+    "retriever-agent",
+    "summarizer",
+    "translator",
+    "math",
+    "sql",
+    "writer",
+    "reviewer",
+    "scheduler",
+)
+
+# What each named specialist reaches for besides its LLM: (tools, uses a retriever).
+_SPECIALIST_KITS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "researcher": (("web_search", "fetch_url"), True),
+    "coder": (("python_repl", "run_tests"), False),
+    "critic": ((), False),
+    "planner": (("task_board",), False),
+    "retriever-agent": (("rerank",), True),
+    "summarizer": ((), True),
+    "translator": (("glossary_lookup",), False),
+    "math": (("calculator", "python_repl"), False),
+    "sql": (("sql_query", "describe_table"), False),
+    "writer": (("style_check",), True),
+    "reviewer": (("diff_viewer",), False),
+    "scheduler": (("calendar_lookup", "send_invite"), False),
+}
+_GENERIC_KIT: tuple[tuple[str, ...], bool] = (("http_request",), True)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrice:
+    """A model's list price in USD per million tokens, and how its spans name the vendor."""
+
+    model: str
+    provider: str
+    span_name: str
+    prompt_usd_per_mtok: float
+    completion_usd_per_mtok: float
+    ms_per_completion_token: float
+
+
+MODEL_PRICES: dict[str, ModelPrice] = {
+    price.model: price
+    for price in (
+        ModelPrice("gpt-4o", "openai", "ChatOpenAI", 2.50, 10.00, 12.0),
+        ModelPrice("gpt-4o-mini", "openai", "ChatOpenAI", 0.15, 0.60, 6.0),
+        ModelPrice("o3-mini", "openai", "ChatOpenAI", 1.10, 4.40, 9.0),
+        ModelPrice("claude-3-5-sonnet-20241022", "anthropic", "ChatAnthropic", 3.00, 15.00, 14.0),
+        ModelPrice("claude-3-5-haiku-20241022", "anthropic", "ChatAnthropic", 0.80, 4.00, 7.0),
+    )
+}
+
+
+def llm_cost_usd(model: str, prompt_tokens: int, completion_tokens: int) -> float:
+    """Cost of one LLM call from the price table, rounded to a millionth of a dollar."""
+    price = MODEL_PRICES[model]
+    cost = (
+        prompt_tokens * price.prompt_usd_per_mtok
+        + completion_tokens * price.completion_usd_per_mtok
+    ) / 1_000_000
+    return round(cost, 6)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentProfile:
+    """How one agent behaves in generated traces.
+
+    ``error_rate`` is the probability that one of the agent's LLM, tool or retriever calls fails
+    on its own; ``latency_scale`` multiplies the durations of those calls; ``popularity`` is the
+    orchestrator's relative preference for calling this agent.
+    """
+
+    name: str
+    model: str
+    tools: tuple[str, ...]
+    uses_retriever: bool
+    error_rate: float
+    latency_scale: float
+    popularity: float
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    """The knobs of the generated traffic. Invalid values raise `ValueError` at construction.
+
+    ``agents`` counts the specialists (the orchestrator comes on top); ``trace_size`` is the
+    mean number of spans per trace; ``error_rate`` is about the mean, over agents, of the
+    probability that a single LLM/tool/retriever call fails (0: none fail, 1: all do);
+    ``seed`` fixes everything random; ``latency_scale`` multiplies every duration (at 1.0 a
+    20-span trace lasts ~15 s and a 100-span trace ~60 s, median; shrink it when the
+    processor's allowed lateness is short).
+    """
+
+    agents: int = 10
+    trace_size: int = 20
+    error_rate: float = 0.05
+    seed: int = 0
+    service_name: str = "agent-app"
+    latency_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.agents <= 1000:
+            raise ValueError(f"agents must be between 1 and 1000, got {self.agents}")
+        if not 4 <= self.trace_size <= 10_000:
+            raise ValueError(f"trace_size must be between 4 and 10000 spans, got {self.trace_size}")
+        if not 0.0 <= self.error_rate <= 1.0:
+            raise ValueError(f"error_rate must be between 0 and 1, got {self.error_rate}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if not 0.0 < self.latency_scale <= 1000.0:
+            raise ValueError(f"latency_scale must be in (0, 1000], got {self.latency_scale}")
+        if not self.service_name:
+            raise ValueError("service_name must not be empty")
+
+    def specialist_names(self) -> tuple[str, ...]:
+        named = SPECIALIST_NAMES[: self.agents]
+        numbered = tuple(f"specialist-{i + 1}" for i in range(len(named), self.agents))
+        return named + numbered
+
+    def profiles(self) -> tuple[AgentProfile, ...]:
+        """The orchestrator's profile first, then one per specialist; a function of the seed."""
+        # A string seed is hashed with SHA-512, so profiles do not depend on PYTHONHASHSEED.
+        rng = random.Random(f"loadgen-profiles/{self.seed}")
+        models = sorted(MODEL_PRICES)
+        names = self.specialist_names()
+        # Spread error rates from about 0.2x to 1.8x the mean, so some agents are visibly worse
+        # than others while the mean over agents stays near what the user asked for.
+        if len(names) == 1:
+            factors = [1.0]
+        else:
+            factors = [0.2 + 1.6 * i / (len(names) - 1) for i in range(len(names))]
+            rng.shuffle(factors)
+        orchestrator = AgentProfile(
+            name=ORCHESTRATOR,
+            model="gpt-4o",
+            tools=(),
+            uses_retriever=False,
+            error_rate=_scaled_probability(self.error_rate, 0.5),
+            latency_scale=1.0,
+            popularity=0.0,
+        )
+        specialists: list[AgentProfile] = []
+        for name, factor in zip(names, factors, strict=True):
+            tools, uses_retriever = _SPECIALIST_KITS.get(name, _GENERIC_KIT)
+            specialists.append(
+                AgentProfile(
+                    name=name,
+                    model=rng.choice(models),
+                    tools=tools,
+                    uses_retriever=uses_retriever,
+                    error_rate=_scaled_probability(self.error_rate, factor),
+                    latency_scale=rng.lognormvariate(0.0, 0.5),
+                    # Zipf-like: a few specialists get most of the calls, as in real apps.
+                    popularity=1.0 / (len(specialists) + 1) ** 0.8,
+                )
+            )
+        return (orchestrator, *specialists)
+
+
+def _scaled_probability(probability: float, factor: float) -> float:
+    """``probability * factor`` for small probabilities, staying within [0, 1]: 0 and 1 stay
+    put, so ``error_rate`` 1 still means every call fails."""
+    return 1.0 - (1.0 - probability) ** factor

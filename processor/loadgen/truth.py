@@ -1,0 +1,337 @@
+"""The exact rollups the processor should produce for a set of generated traces.
+
+Computed from the OTLP requests as published, by the product's rules, with code that shares
+nothing with ``processor.core``: when the two disagree, one of them has a bug worth finding.
+
+The rules, per (agent, tumbling window of ``window_size_ms``):
+
+- a span belongs to the window holding its end time, ``(end_ns // 10**6) // W * W``, half-open;
+- its agent is its own ``agent.name``, else its nearest ancestor's, else the resource's
+  ``service.name``, else ``"unknown"``;
+- ``spans``/``errors`` count all its spans (any kind) and those with status ERROR;
+- an *invocation* is one of its spans whose parent is absent or belongs to another agent;
+  latency percentiles are exact order statistics of invocation latencies, "lower" rule:
+  ``sorted(v)[floor(q * (n - 1))]``; ``null`` when the window holds no invocation;
+- ``llm_calls``, tokens and ``cost_usd`` sum its LLM spans only (span kind ``LLM``), so token
+  totals repeated on CHAIN spans are not counted twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypedDict
+
+import orjson
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+
+from processor.loadgen.traces import GeneratedTrace
+
+_NS_PER_MS = 1_000_000
+UNKNOWN_AGENT = "unknown"
+
+
+class Rollup(TypedDict):
+    """One agent's numbers for one window, as written to the truth file."""
+
+    agent: str
+    window_start_ms: int
+    window_end_ms: int
+    spans: int
+    errors: int
+    error_rate: float
+    invocations: int
+    latency_p50_ms: float | None
+    latency_p95_ms: float | None
+    latency_p99_ms: float | None
+    latency_max_ms: float | None
+    llm_calls: int
+    tokens_prompt: int
+    tokens_completion: int
+    tokens_total: int
+    cost_usd: float
+
+
+class LateTrace(TypedDict):
+    """A trace published after traces with later event times (``--late-fraction``)."""
+
+    trace_id: str
+    end_ms: int
+    delay_ms: int
+
+
+def window_start_ms(end_time_unix_nano: int, window_size_ms: int) -> int:
+    """Start of the window holding this end time; a span ending on a boundary opens the next."""
+    return (end_time_unix_nano // _NS_PER_MS) // window_size_ms * window_size_ms
+
+
+def lower_quantile(sorted_values: list[float], percent: int) -> float:
+    """``sorted_values[floor(percent / 100 * (n - 1))]``, the index computed in integers so
+    that no float rounding moves it (0.95 * 20 must be 19, not 18.999...)."""
+    return sorted_values[percent * (len(sorted_values) - 1) // 100]
+
+
+@dataclass(slots=True)
+class _WindowTotals:
+    spans: int = 0
+    errors: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    llm_calls: int = 0
+    tokens_prompt: int = 0
+    tokens_completion: int = 0
+    tokens_total: int = 0
+    # Costs are rounded to 1e-6 USD, so summing integer micro-dollars is exact in any order.
+    cost_micro_usd: int = 0
+
+    def to_rollup(self, agent: str, start_ms: int, window_size_ms: int) -> Rollup:
+        latencies = sorted(self.latencies_ms)
+        return Rollup(
+            agent=agent,
+            window_start_ms=start_ms,
+            window_end_ms=start_ms + window_size_ms,
+            spans=self.spans,
+            errors=self.errors,
+            error_rate=self.errors / self.spans,
+            invocations=len(latencies),
+            latency_p50_ms=lower_quantile(latencies, 50) if latencies else None,
+            latency_p95_ms=lower_quantile(latencies, 95) if latencies else None,
+            latency_p99_ms=lower_quantile(latencies, 99) if latencies else None,
+            latency_max_ms=latencies[-1] if latencies else None,
+            llm_calls=self.llm_calls,
+            tokens_prompt=self.tokens_prompt,
+            tokens_completion=self.tokens_completion,
+            tokens_total=self.tokens_total,
+            cost_usd=self.cost_micro_usd / 1_000_000,
+        )
+
+
+@dataclass(slots=True)
+class _SpanFacts:
+    """What the rules need from one span, read once (each protobuf field read costs)."""
+
+    trace_id: bytes
+    parent_span_id: bytes
+    start_ns: int
+    end_ns: int
+    is_error: bool
+    fallback_agent: str
+    own_agent: str | None = None
+    kind: str = ""
+    tokens_prompt: int = 0
+    tokens_completion: int = 0
+    tokens_total: int = 0
+    cost_usd: float = 0.0
+
+
+class TruthBuilder:
+    """Accumulates truth trace by trace, so a long run need not keep its traces in memory."""
+
+    def __init__(self, window_size_ms: int) -> None:
+        if window_size_ms < 1:
+            raise ValueError(f"window_size_ms must be >= 1, got {window_size_ms}")
+        self.window_size_ms = window_size_ms
+        self._totals: dict[tuple[str, int], _WindowTotals] = {}
+        self._span_count = 0
+        self._trace_ids: set[bytes] = set()
+        self._max_trace_duration_ns = 0
+        self._late_traces: list[LateTrace] = []
+
+    def add(self, trace: GeneratedTrace) -> None:
+        self.add_request(trace.request)
+
+    def add_late(self, trace: GeneratedTrace, delay_ms: int) -> None:
+        """Note that ``trace`` was published ``delay_ms`` behind its place in event time."""
+        self._late_traces.append(
+            LateTrace(trace_id=trace.trace_id_hex, end_ms=trace.end_ms, delay_ms=delay_ms)
+        )
+
+    def add_request(self, request: ExportTraceServiceRequest) -> None:
+        """Count every span of ``request``. Ancestors are looked up within the request, which
+        holds whole traces (one message per trace)."""
+        facts_by_id: dict[tuple[bytes, bytes], _SpanFacts] = {}
+        for resource_spans in request.resource_spans:
+            service_name = UNKNOWN_AGENT
+            for attribute in resource_spans.resource.attributes:
+                if attribute.key == "service.name" and attribute.value.string_value:
+                    service_name = attribute.value.string_value
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    facts = _read_facts(span, service_name)
+                    facts_by_id[(facts.trace_id, span.span_id)] = facts
+        agents: dict[tuple[bytes, bytes], str] = {}
+        trace_bounds: dict[bytes, tuple[int, int]] = {}
+        for key, facts in facts_by_id.items():
+            agent = _agent_of(key, facts_by_id, agents)
+            parent_key = (facts.trace_id, facts.parent_span_id)
+            is_invocation = (
+                not facts.parent_span_id
+                or parent_key not in facts_by_id
+                or _agent_of(parent_key, facts_by_id, agents) != agent
+            )
+            window = window_start_ms(facts.end_ns, self.window_size_ms)
+            totals = self._totals.get((agent, window))
+            if totals is None:
+                totals = self._totals[(agent, window)] = _WindowTotals()
+            totals.spans += 1
+            if facts.is_error:
+                totals.errors += 1
+            if is_invocation:
+                totals.latencies_ms.append((facts.end_ns - facts.start_ns) / _NS_PER_MS)
+            if facts.kind == "LLM":
+                totals.llm_calls += 1
+                totals.tokens_prompt += facts.tokens_prompt
+                totals.tokens_completion += facts.tokens_completion
+                totals.tokens_total += facts.tokens_total
+                totals.cost_micro_usd += round(facts.cost_usd * 1_000_000)
+            first, last = trace_bounds.get(facts.trace_id, (facts.start_ns, 0))
+            trace_bounds[facts.trace_id] = (min(first, facts.start_ns), max(last, facts.end_ns))
+        self._span_count += len(facts_by_id)
+        self._trace_ids.update(trace_bounds)
+        for first, last in trace_bounds.values():
+            self._max_trace_duration_ns = max(self._max_trace_duration_ns, last - first)
+
+    def build(self, *, generator: dict[str, Any] | None = None) -> Truth:
+        """The truth so far; ``generator`` notes how the traffic was made (seed, rate...)."""
+        rollups = [
+            totals.to_rollup(agent, start_ms, self.window_size_ms)
+            for (agent, start_ms), totals in sorted(
+                self._totals.items(), key=lambda item: (item[0][1], item[0][0])
+            )
+        ]
+        return Truth(
+            window_size_ms=self.window_size_ms,
+            span_count=self._span_count,
+            trace_count=len(self._trace_ids),
+            rollups=rollups,
+            max_trace_duration_ms=self._max_trace_duration_ns / _NS_PER_MS,
+            late_traces=list(self._late_traces),
+            generator=dict(generator or {}),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Truth:
+    """Expected rollups, sorted by (window_start_ms, agent).
+
+    ``max_trace_duration_ms`` is how far before its root's end a trace's first span can end:
+    the processor sees a trace only when its message arrives, so unless its allowed lateness
+    covers this, early spans of long traces land in ``late_spans`` rather than their window.
+    """
+
+    window_size_ms: int
+    span_count: int
+    trace_count: int
+    rollups: list[Rollup]
+    max_trace_duration_ms: float = 0.0
+    late_traces: list[LateTrace] = field(default_factory=list)
+    generator: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_traces(
+        cls, traces: Iterable[GeneratedTrace], *, window_size_ms: int = 60_000
+    ) -> Truth:
+        builder = TruthBuilder(window_size_ms)
+        for trace in traces:
+            builder.add(trace)
+        return builder.build()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Truth:
+        document = orjson.loads(data)
+        return cls(
+            window_size_ms=document["window_size_ms"],
+            span_count=document["span_count"],
+            trace_count=document["trace_count"],
+            rollups=document["rollups"],
+            max_trace_duration_ms=document.get("max_trace_duration_ms", 0.0),
+            late_traces=document.get("late_traces", []),
+            generator=document.get("generator", {}),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> Truth:
+        return cls.from_json(Path(path).read_bytes())
+
+    def to_json(self) -> bytes:
+        document = {
+            "window_size_ms": self.window_size_ms,
+            "span_count": self.span_count,
+            "trace_count": self.trace_count,
+            "max_trace_duration_ms": self.max_trace_duration_ms,
+            "generator": self.generator,
+            "late_traces": self.late_traces,
+            "rollups": self.rollups,
+        }
+        return orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
+
+    def write(self, path: str | Path) -> None:
+        Path(path).write_bytes(self.to_json())
+
+    def rollup(self, agent: str, window_start_ms: int) -> Rollup | None:
+        """The rollup of ``agent`` for the window starting at ``window_start_ms``, if any."""
+        for rollup in self.rollups:
+            if rollup["agent"] == agent and rollup["window_start_ms"] == window_start_ms:
+                return rollup
+        return None
+
+
+def _read_facts(span: Span, service_name: str) -> _SpanFacts:
+    facts = _SpanFacts(
+        trace_id=span.trace_id,
+        parent_span_id=span.parent_span_id,
+        start_ns=span.start_time_unix_nano,
+        end_ns=span.end_time_unix_nano,
+        is_error=span.status.code == Status.STATUS_CODE_ERROR,
+        fallback_agent=service_name,
+    )
+    for attribute in span.attributes:
+        key = attribute.key
+        value = attribute.value
+        if key == "openinference.span.kind":
+            facts.kind = value.string_value
+        elif key == "agent.name" and value.string_value:
+            facts.own_agent = value.string_value
+        elif key == "llm.token_count.prompt":
+            facts.tokens_prompt = value.int_value
+        elif key == "llm.token_count.completion":
+            facts.tokens_completion = value.int_value
+        elif key == "llm.token_count.total":
+            facts.tokens_total = value.int_value
+        elif key == "llm.cost.total":
+            facts.cost_usd = value.double_value
+    return facts
+
+
+def _agent_of(
+    key: tuple[bytes, bytes],
+    facts_by_id: dict[tuple[bytes, bytes], _SpanFacts],
+    agents: dict[tuple[bytes, bytes], str],
+) -> str:
+    """The span's own agent, else its nearest ancestor's, else its resource's service name."""
+    known = agents.get(key)
+    if known is not None:
+        return known
+    path: list[tuple[bytes, bytes]] = []
+    agent: str | None = None
+    current: tuple[bytes, bytes] | None = key
+    # Walk up until an agent is found; the step bound guards against a parent cycle.
+    for _ in range(len(facts_by_id)):
+        if current is None:
+            break
+        cached = agents.get(current)
+        if cached is not None:
+            agent = cached
+            break
+        facts = facts_by_id[current]
+        path.append(current)
+        if facts.own_agent is not None:
+            agent = facts.own_agent
+            break
+        parent = (current[0], facts.parent_span_id)
+        current = parent if facts.parent_span_id and parent in facts_by_id else None
+    for visited in path:
+        # With no agent up the chain, each span falls back to its own resource's service.
+        agents[visited] = agent if agent is not None else facts_by_id[visited].fallback_agent
+    return agents[key]

@@ -1,0 +1,201 @@
+"""The one place where configuration is read.
+
+Settings come from the environment (and an optional ``.env`` file). Names shared with the
+ecosystem keep their usual spelling (``KAFKA_BOOTSTRAP_SERVERS``, ``MLFLOW_TRACKING_URI``,
+``PHOENIX_COLLECTOR_ENDPOINT``, ...); the processor's own settings share the ``PROCESSOR_``
+prefix, the local stack's ``STACK_``. Settings are read once at start-up, validated, and passed
+down; core code never reads the environment.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from processor.errors import ConfigurationError
+
+
+class WorkerSettings(BaseSettings):
+    """Everything a worker process needs."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PROCESSOR_", env_file=".env", extra="ignore", populate_by_name=True
+    )
+
+    kafka_bootstrap_servers: str = Field(
+        default="127.0.0.1:9092",
+        validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "kafka_bootstrap_servers"),
+        description="Kafka brokers, comma-separated host:port.",
+    )
+    mlflow_tracking_uri: str = Field(
+        default="http://127.0.0.1:5000",
+        validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "mlflow_tracking_uri"),
+        description="MLflow tracking server the rollups are written to.",
+    )
+    mlflow_experiment_name: str = Field(
+        default="agent-rollups",
+        validation_alias=AliasChoices("MLFLOW_EXPERIMENT_NAME", "mlflow_experiment_name"),
+        description="MLflow experiment holding the per-agent runs (created when missing).",
+    )
+    phoenix_collector_endpoint: str = Field(
+        default="http://127.0.0.1:6006",
+        validation_alias=AliasChoices("PHOENIX_COLLECTOR_ENDPOINT", "phoenix_collector_endpoint"),
+        description="Phoenix base URL; spans are POSTed to <endpoint>/v1/traces.",
+    )
+    phoenix_api_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("PHOENIX_API_KEY", "phoenix_api_key"),
+        description="Phoenix API key, sent as a bearer token. Never logged.",
+    )
+    phoenix_project: str = Field(
+        default="default",
+        description="Phoenix project for spans whose resource names none.",
+    )
+
+    app_id: str = Field(
+        default="agent-trace-processor",
+        description="Consumer group and faust application id; workers sharing it share work.",
+    )
+    spans_topic: str = Field(default="otlp_spans", description="Topic the agents publish to.")
+    dead_letter_topic: str = Field(
+        default="otlp_spans.dlq", description="Where undecodable or invalid input goes."
+    )
+    partials_topic: str = Field(
+        default="agent_rollups.partial",
+        description="Stage 1 -> stage 2 topic of partial window aggregates.",
+    )
+    spans_partitions: int = Field(
+        default=4, ge=1, description="Partitions of the spans topic when the worker creates it."
+    )
+    partials_partitions: int = Field(
+        default=4, ge=1, description="Partitions of the partials topic when the worker creates it."
+    )
+    replication_factor: int = Field(
+        default=1, ge=1, description="Replication factor of topics the worker creates."
+    )
+    max_traces: int = Field(
+        default=10_000, ge=1, description="Traces held at once in each partition's buffer."
+    )
+    max_series_per_window: int = Field(
+        default=1_000,
+        ge=1,
+        description="Series (agent x dimensions) per window; the excess folds into __overflow__.",
+    )
+    dimension_attributes: list[str] = Field(
+        default_factory=list,
+        description="Extra rollup dimensions: span or resource attribute names (JSON list).",
+    )
+    agent_attributes: list[str] = Field(
+        default_factory=lambda: ["agent.name", "gen_ai.agent.name"],
+        description="Span attributes naming the agent, in order of preference (JSON list).",
+    )
+    window_size_ms: int = Field(
+        default=60_000, ge=1_000, description="Tumbling window size in milliseconds."
+    )
+    allowed_lateness_ms: int = Field(
+        default=5_000,
+        ge=0,
+        description="How far behind the newest end time a span may arrive and still count.",
+    )
+    idle_timeout_ms: int = Field(
+        default=5_000,
+        ge=100,
+        description="After this long without messages a partition's watermark follows the clock.",
+    )
+    finalize_max_wait_ms: int = Field(
+        default=60_000,
+        ge=1_000,
+        description="Stage 2 finalises a window after this long even if a partition is silent.",
+    )
+    phoenix_batch_spans: int = Field(
+        default=2_000, ge=1, description="Spans per OTLP request sent to Phoenix."
+    )
+    phoenix_batch_interval_ms: int = Field(
+        default=1_000, ge=10, description="Longest a span waits before its batch is sent."
+    )
+    phoenix_enabled: bool = Field(default=True, description="Forward spans to Phoenix at all.")
+    web_port: int = Field(
+        default=6066, ge=0, le=65535, description="Port of the worker's faust web server."
+    )
+    log_level: str = Field(default="info", description="Worker log level.")
+    data_dir: Path = Field(
+        default=Path(tempfile.gettempdir()) / "agent-trace-processor",
+        description="Scratch folder for faust's local state (nothing here must survive).",
+    )
+
+    @field_validator("phoenix_api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value: object) -> object:
+        # Compose files pass PHOENIX_API_KEY=${PHOENIX_API_KEY:-}: empty means "no key".
+        return None if value == "" else value
+
+    @field_validator("kafka_bootstrap_servers")
+    @classmethod
+    def _servers_look_like_host_port(cls, value: str) -> str:
+        for server in value.split(","):
+            host, _, port = server.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(
+                    f"expected host:port[,host:port...], got {value!r}; "
+                    "set KAFKA_BOOTSTRAP_SERVERS like 127.0.0.1:9092"
+                )
+        return value
+
+    @field_validator("mlflow_tracking_uri", "phoenix_collector_endpoint")
+    @classmethod
+    def _is_http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"expected an http(s):// URL, got {value!r}")
+        return value.rstrip("/")
+
+    @property
+    def phoenix_traces_url(self) -> str:
+        base = self.phoenix_collector_endpoint
+        return base if base.endswith("/v1/traces") else f"{base}/v1/traces"
+
+
+class StackSettings(BaseSettings):
+    """Ports and folders of the local stack (`trace-processor stack ...`)."""
+
+    model_config = SettingsConfigDict(env_prefix="STACK_", env_file=".env", extra="ignore")
+
+    dir: Path = Field(default=Path(".stack"), description="State folder: data, logs, pids.")
+    kafka_port: int = Field(default=9092, ge=1, le=65535, description="Kafka client port.")
+    kafka_controller_port: int = Field(
+        default=9093, ge=1, le=65535, description="Kafka KRaft controller port."
+    )
+    phoenix_port: int = Field(default=6006, ge=1, le=65535, description="Phoenix HTTP port.")
+    phoenix_grpc_port: int = Field(
+        default=4317, ge=1, le=65535, description="Phoenix OTLP gRPC port."
+    )
+    mlflow_port: int = Field(default=5000, ge=1, le=65535, description="MLflow HTTP port.")
+    kafka_home: Path | None = Field(
+        default=None,
+        validation_alias=AliasChoices("KAFKA_HOME", "kafka_home"),
+        description="An unpacked Kafka distribution to use instead of the Maven-fetched jars.",
+    )
+    cache_dir: Path = Field(
+        default=Path.home() / ".cache" / "agent-trace-processor",
+        description="Where the Kafka jars fetched with Maven are kept between runs.",
+    )
+    start_timeout_s: float = Field(
+        default=120.0, gt=0, description="How long `stack up` waits for each service."
+    )
+
+
+def load_worker_settings() -> WorkerSettings:
+    """Read and validate the worker settings, or raise ConfigurationError saying what to fix."""
+    try:
+        return WorkerSettings()
+    except ValidationError as exc:
+        raise ConfigurationError.from_validation(exc) from exc
+
+
+def load_stack_settings() -> StackSettings:
+    try:
+        return StackSettings()
+    except ValidationError as exc:
+        raise ConfigurationError.from_validation(exc) from exc

@@ -1,0 +1,1 @@
+"""Adapters that write out of the processor: Phoenix (spans) and MLflow (rollups)."""

@@ -1,0 +1,90 @@
+"""`trace-processor stack up | down | status`: the local stack from the command line."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from processor.errors import ConfigurationError, StackError
+from processor.settings import load_stack_settings
+from processor.stack.layout import SERVICE_NAMES
+from processor.stack.local_stack import LocalStack, StackEndpoints
+
+_services_argument = click.argument(
+    "services", nargs=-1, type=click.Choice(SERVICE_NAMES, case_sensitive=False)
+)
+
+
+@contextmanager
+def _fail_on_stack_errors(console: Console) -> Iterator[None]:
+    try:
+        yield
+    except (StackError, ConfigurationError) as exc:
+        Console(stderr=True).print(
+            f"[red]{escape(str(exc))}[/red]", highlight=False, soft_wrap=True
+        )
+        raise SystemExit(1) from exc
+
+
+@click.group("stack")
+def stack_group() -> None:
+    """Run Kafka, Phoenix and MLflow locally as background processes (state in STACK_DIR)."""
+
+
+@stack_group.command("up")
+@_services_argument
+def up(services: tuple[str, ...]) -> None:
+    """Start SERVICES (default: all) and wait until they answer; running ones are left alone."""
+    console = Console()
+    with _fail_on_stack_errors(console):
+        stack = LocalStack(load_stack_settings(), console=console)
+        endpoints = stack.up(services or SERVICE_NAMES)
+    _print_endpoints(console, endpoints)
+
+
+@stack_group.command("down")
+@_services_argument
+def down(services: tuple[str, ...]) -> None:
+    """Stop SERVICES (default: all); their data stays in the state folder."""
+    console = Console()
+    with _fail_on_stack_errors(console):
+        LocalStack(load_stack_settings(), console=console).down(services or SERVICE_NAMES)
+
+
+@stack_group.command("status")
+def status() -> None:
+    """Show which services run, whether they answer, and where their logs are."""
+    console = Console()
+    with _fail_on_stack_errors(console):
+        stack = LocalStack(load_stack_settings())
+        statuses = stack.status()
+    table = Table("service", "state", "pid", "address", "log")
+    for entry in statuses.values():
+        if entry.healthy:
+            state = "[green]running[/green]"
+        elif entry.running:
+            state = "[yellow]not answering[/yellow]"
+        else:
+            state = "[dim]stopped[/dim]"
+        pid = str(entry.pid) if entry.pid is not None else "-"
+        log = entry.log_path.relative_to(stack.layout.root)
+        table.add_row(entry.name, state, pid, entry.url, escape(str(log)))
+    console.print(table)
+    console.print(
+        f"state folder: {escape(str(stack.layout.root))}", highlight=False, soft_wrap=True
+    )
+
+
+def _print_endpoints(console: Console, endpoints: StackEndpoints) -> None:
+    # In the spelling the worker's settings read, ready to paste into a shell or .env.
+    console.print(
+        f"KAFKA_BOOTSTRAP_SERVERS={endpoints.kafka_bootstrap}\n"
+        f"PHOENIX_COLLECTOR_ENDPOINT={endpoints.phoenix_url}\n"
+        f"MLFLOW_TRACKING_URI={endpoints.mlflow_url}",
+        highlight=False,
+    )

@@ -1,0 +1,222 @@
+"""The faust application: topics, the two stage agents, timers and partition hooks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import faust
+import mode
+from faust.types import TP
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+from processor.clock import wall_clock_ms
+from processor.core.semconv import ExtractionConfig
+from processor.core.spans import SpanOrigin
+from processor.settings import WorkerSettings
+from processor.sinks.mlflow_writer import RollupWriter
+from processor.sinks.otlp_batch import build_request
+from processor.sinks.phoenix import ExportResult, PhoenixExporter
+from processor.worker.forwarding import SpanForwarder
+from processor.worker.stage1 import DeadLetter, Stage1
+from processor.worker.stage2 import Stage2
+
+log = logging.getLogger(__name__)
+
+TICK_INTERVAL_S = 0.5
+FLUSH_DRAIN_TIMEOUT_S = 30.0
+
+
+def _headers_of(raw: Any) -> dict[str, bytes]:
+    if not raw:
+        return {}
+    items = raw.items() if isinstance(raw, Mapping) else raw
+    return {str(k).lower(): (v if isinstance(v, bytes) else str(v).encode()) for k, v in items}
+
+
+def create_app(settings: WorkerSettings, *, source_partitions: int | None = None) -> faust.App:
+    """Build the worker's faust app; topics must exist (see ``processor.worker.topics``)."""
+    app = faust.App(
+        settings.app_id,
+        broker=[
+            f"kafka://{server.strip()}" for server in settings.kafka_bootstrap_servers.split(",")
+        ],
+        value_serializer="raw",
+        key_serializer="raw",
+        web_enabled=False,
+        producer_acks=-1,
+        producer_linger_ms=5,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=1.0,
+        stream_buffer_maxsize=4096,
+        datadir=str(settings.data_dir),
+    )
+    spans_topic = app.topic(
+        settings.spans_topic,
+        value_serializer="raw",
+        key_serializer="raw",
+        partitions=settings.spans_partitions,
+    )
+    partials_topic = app.topic(
+        settings.partials_topic,
+        value_serializer="raw",
+        key_serializer="raw",
+        partitions=settings.partials_partitions,
+    )
+    dead_letter_topic = app.topic(
+        settings.dead_letter_topic, value_serializer="raw", key_serializer="raw"
+    )
+
+    async def send_partial(key: bytes, value: bytes, partition: int | None) -> None:
+        await partials_topic.send(key=key, value=value, partition=partition)
+
+    async def send_dead_letter(letter: DeadLetter) -> None:
+        await dead_letter_topic.send(
+            key=letter.key,
+            value=letter.value,
+            headers={
+                "reason": letter.reason.encode(),
+                "detail": letter.detail[:1000].encode(),
+                "source.topic": settings.spans_topic.encode(),
+                "source.partition": str(letter.source_partition).encode(),
+                "source.offset": str(letter.source_offset).encode(),
+            },
+        )
+
+    async def phoenix_refused(batch: list[tuple[SpanOrigin, Span]], result: ExportResult) -> None:
+        await dead_letter_topic.send(
+            value=build_request(batch).SerializeToString(),
+            headers={
+                "reason": b"phoenix_rejected",
+                "detail": f"HTTP {result.status}: {result.detail}"[:1000].encode(),
+            },
+        )
+
+    forwarder = None
+    if settings.phoenix_enabled:
+        forwarder = SpanForwarder(
+            PhoenixExporter(
+                traces_url=settings.phoenix_traces_url, api_key=settings.phoenix_api_key
+            ),
+            default_project=settings.phoenix_project,
+            batch_spans=settings.phoenix_batch_spans,
+            on_failure=phoenix_refused,
+        )
+    stage1 = Stage1(
+        window_size_ms=settings.window_size_ms,
+        allowed_lateness_ms=settings.allowed_lateness_ms,
+        idle_timeout_ms=settings.idle_timeout_ms,
+        max_traces=settings.max_traces,
+        max_series_per_window=settings.max_series_per_window,
+        partials_partitions=settings.partials_partitions,
+        extraction=ExtractionConfig(
+            agent_attributes=tuple(settings.agent_attributes),
+            dimension_attributes=tuple(settings.dimension_attributes),
+        ),
+        forwarder=forwarder,
+        send_partial=send_partial,
+        send_dead_letter=send_dead_letter,
+        clock=wall_clock_ms,
+    )
+    stage2 = Stage2(
+        source_partitions=source_partitions or settings.spans_partitions,
+        max_wait_ms=settings.finalize_max_wait_ms,
+        writer=RollupWriter(
+            tracking_uri=settings.mlflow_tracking_uri,
+            experiment_name=settings.mlflow_experiment_name,
+            params={
+                "window_size_ms": str(settings.window_size_ms),
+                "allowed_lateness_ms": str(settings.allowed_lateness_ms),
+                "sampling": "all spans forwarded",
+            },
+            dimension_names=settings.dimension_attributes,
+            phoenix_url=settings.phoenix_collector_endpoint,
+        ),
+        clock=wall_clock_ms,
+    )
+    app.stage1 = stage1  # type: ignore[attr-defined]
+    app.stage2 = stage2  # type: ignore[attr-defined]
+
+    @app.agent(spans_topic, name="stage1")
+    async def stage1_agent(stream: faust.StreamT[bytes]) -> None:
+        async for event in stream.events():
+            message = event.message
+            await stage1.handle(
+                message.partition,
+                message.offset,
+                message.key,
+                message.value,
+                _headers_of(message.headers),
+            )
+
+    @app.agent(partials_topic, name="stage2")
+    async def stage2_agent(stream: faust.StreamT[bytes]) -> None:
+        async for event in stream.events():
+            stage2.handle(event.message.partition, event.message.value)
+
+    def caught_up(partition: int) -> bool:
+        tp = TP(settings.spans_topic, partition)
+        try:
+            highwater = app.consumer.highwater(tp)
+        except Exception:  # not assigned (any more) or no fetch yet
+            return False
+        if highwater is None:
+            return False
+        consumer: Any = app.consumer  # faust's public API has no "position handed to streams"
+        read = consumer._read_offset.get(tp)  # last offset handed to the stream
+        committed = consumer._committed_offset.get(tp)
+        position = max(read + 1 if read is not None else 0, committed or 0)
+        return position >= highwater
+
+    @app.timer(TICK_INTERVAL_S)
+    async def stage1_tick() -> None:
+        await stage1.tick(caught_up)
+        if forwarder is not None:
+            await forwarder.flush()
+
+    # Separate from stage 1's timer: a slow MLflow must not hold back watermarks.
+    @app.timer(TICK_INTERVAL_S)
+    async def stage2_tick() -> None:
+        await stage2.tick()
+
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+    async def on_revoked(app: faust.App, revoked: set[TP], **kwargs: Any) -> None:
+        stage1.revoke(tp.partition for tp in revoked if tp.topic == settings.spans_topic)
+        stage2.revoke(tp.partition for tp in revoked if tp.topic == settings.partials_topic)
+
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
+    async def on_assigned(app: faust.App, assigned: set[TP], **kwargs: Any) -> None:
+        stage1.assign(tp.partition for tp in assigned if tp.topic == settings.spans_topic)
+
+    @app.task
+    async def announce() -> None:
+        log.info(
+            "worker up: %s -> Phoenix %s, MLflow %s (window %d ms, lateness %d ms)",
+            settings.spans_topic,
+            settings.phoenix_traces_url if forwarder else "off",
+            settings.mlflow_tracking_uri,
+            settings.window_size_ms,
+            settings.allowed_lateness_ms,
+        )
+
+    @app.service
+    class ForwarderDrain(mode.Service):
+        """Sends the spans still buffered when the worker stops."""
+
+        async def on_stop(self) -> None:
+            if forwarder is not None:
+                await forwarder.drain(FLUSH_DRAIN_TIMEOUT_S)
+
+    return app
+
+
+def run_worker(settings: WorkerSettings, argv: Sequence[str] = ()) -> None:
+    """Create topics, then run the faust worker until it is stopped."""
+    from processor.worker.topics import ensure_topics
+
+    counts = asyncio.run(ensure_topics(settings))
+    app = create_app(settings, source_partitions=counts.get(settings.spans_topic))
+    worker = faust.Worker(app, loglevel=settings.log_level.upper(), quiet=True)
+    worker.execute_from_commandline()

@@ -1,0 +1,183 @@
+"""Stage 1 adapter: decode messages, feed each partition's aggregator, emit partials.
+
+The decisions live in ``processor.core``; this module moves bytes between Kafka, the core and
+the sinks, and keeps one ``PartitionAggregator`` per assigned source partition.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from processor.clock import Clock
+from processor.core.decoding import decode_request, extract_spans
+from processor.core.partition import AdvanceResult, PartitionAggregator
+from processor.core.rollup import PartialRollup, PartitionProgress
+from processor.core.semconv import ExtractionConfig
+from processor.core.spans import RejectedSpan
+from processor.errors import InvalidInput
+from processor.sinks.otlp_batch import build_request
+from processor.worker.forwarding import SpanForwarder
+
+log = logging.getLogger(__name__)
+
+SendRecord = Callable[[bytes, bytes, int | None], Awaitable[None]]  # key, value, partition
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    value: bytes
+    reason: str
+    detail: str
+    source_partition: int
+    source_offset: int
+    key: bytes | None
+
+
+SendDeadLetter = Callable[[DeadLetter], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class Stage1Counters:
+    messages: int = 0
+    spans: int = 0
+    dead_letters: int = 0
+    partials: int = 0
+
+
+def partials_partition_of(agent: str, partitions: int) -> int:
+    """Stage 2 is keyed by agent: every partial of one agent goes to the same partition."""
+    return zlib.crc32(agent.encode()) % partitions
+
+
+class Stage1:
+    def __init__(
+        self,
+        *,
+        window_size_ms: int,
+        allowed_lateness_ms: int,
+        idle_timeout_ms: int,
+        max_traces: int,
+        max_series_per_window: int,
+        partials_partitions: int,
+        extraction: ExtractionConfig,
+        forwarder: SpanForwarder | None,
+        send_partial: SendRecord,
+        send_dead_letter: SendDeadLetter,
+        clock: Clock,
+    ) -> None:
+        self._window_size_ms = window_size_ms
+        self._allowed_lateness_ms = allowed_lateness_ms
+        self._idle_timeout_ms = idle_timeout_ms
+        self._max_traces = max_traces
+        self._max_series = max_series_per_window
+        self._partials_partitions = partials_partitions
+        self._extraction = extraction
+        self._forwarder = forwarder
+        self._send_partial = send_partial
+        self._send_dead_letter = send_dead_letter
+        self._clock = clock
+        self.partitions: dict[int, PartitionAggregator] = {}
+        self.counters = Stage1Counters()
+
+    def assign(self, partitions: Iterable[int]) -> None:
+        from processor.core.attribution import TraceAssembler
+
+        for partition in partitions:
+            if partition not in self.partitions:
+                self.partitions[partition] = PartitionAggregator(
+                    partition,
+                    window_size_ms=self._window_size_ms,
+                    allowed_lateness_ms=self._allowed_lateness_ms,
+                    idle_timeout_ms=self._idle_timeout_ms,
+                    max_series_per_window=self._max_series,
+                    assembler=TraceAssembler(
+                        max_traces=self._max_traces,
+                        attribution_wait_ms=self._allowed_lateness_ms,
+                        trace_ttl_ms=2 * self._window_size_ms,
+                    ),
+                )
+
+    def revoke(self, partitions: Iterable[int]) -> None:
+        # The next owner replays from the committed offset and rebuilds the same state.
+        for partition in partitions:
+            self.partitions.pop(partition, None)
+
+    async def handle(
+        self,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Mapping[str, bytes],
+    ) -> None:
+        self.counters.messages += 1
+        aggregator = self.partitions.get(partition)
+        if aggregator is None:
+            self.assign([partition])
+            aggregator = self.partitions[partition]
+        payload = value or b""
+        content_type = headers.get("content-type")
+        try:
+            request = decode_request(
+                payload, content_type.decode("latin-1") if content_type else None
+            )
+            decoded = extract_spans(request, self._extraction, payload_size=len(payload))
+        except InvalidInput as exc:
+            aggregator.watermark.touch(self._clock())
+            await self._dead_letter(payload, exc.reason, exc.detail, partition, offset, key)
+            return
+        if decoded.rejected:
+            await self._reject_spans(decoded.rejected, partition, offset, key)
+        self.counters.spans += len(decoded.spans)
+        aggregator.add(offset, decoded.spans, self._clock())
+        if self._forwarder is not None and decoded.spans:
+            await self._forwarder.add(decoded.spans)
+
+    async def _reject_spans(
+        self, rejected: list[RejectedSpan], partition: int, offset: int, key: bytes | None
+    ) -> None:
+        for item in rejected:
+            value = build_request([(item.origin, item.pb)]).SerializeToString()
+            await self._dead_letter(value, item.reason, item.detail, partition, offset, key)
+
+    async def _dead_letter(
+        self,
+        value: bytes,
+        reason: str,
+        detail: str,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+    ) -> None:
+        self.counters.dead_letters += 1
+        log.warning(
+            "dead letter from partition %d offset %d: %s %s", partition, offset, reason, detail
+        )
+        await self._send_dead_letter(DeadLetter(value, reason, detail, partition, offset, key))
+
+    async def tick(self, caught_up: Callable[[int], bool]) -> None:
+        """Advance every partition's watermark and send what closed."""
+        now = self._clock()
+        for partition, aggregator in list(self.partitions.items()):
+            result = aggregator.advance(now, caught_up=caught_up(partition))
+            await self._emit(result)
+
+    async def _emit(self, result: AdvanceResult) -> None:
+        for partial in result.partials:
+            await self._send_partial_record(partial)
+        if result.progress is not None:
+            await self._broadcast_progress(result.progress)
+
+    async def _send_partial_record(self, partial: PartialRollup) -> None:
+        self.counters.partials += 1
+        target = partials_partition_of(partial.series.agent, self._partials_partitions)
+        await self._send_partial(partial.key(), partial.to_bytes(), target)
+
+    async def _broadcast_progress(self, progress: PartitionProgress) -> None:
+        # Every stage-2 partition must learn how far this source partition has got.
+        key, value = progress.key(), progress.to_bytes()
+        for target in range(self._partials_partitions):
+            await self._send_partial(key, value, target)

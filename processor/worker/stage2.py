@@ -1,0 +1,96 @@
+"""Stage 2 adapter: merge partials per stage-2 partition and write final windows to MLflow."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+
+from processor.clock import Clock
+from processor.core.merge import RollupMerger
+from processor.core.rollup import FinalRollup, PartitionProgress, parse_stage_record
+from processor.errors import RetryableExportError
+from processor.sinks.mlflow_writer import RollupWriter
+
+log = logging.getLogger(__name__)
+
+
+class Stage2:
+    def __init__(
+        self,
+        *,
+        source_partitions: int,
+        max_wait_ms: int,
+        writer: RollupWriter,
+        clock: Clock,
+        retry_base_s: float = 1.0,
+        retry_max_s: float = 30.0,
+    ) -> None:
+        self._source_partitions = source_partitions
+        self._max_wait_ms = max_wait_ms
+        self._writer = writer
+        self._clock = clock
+        self._retry_base_s = retry_base_s
+        self._retry_max_s = retry_max_s
+        self.mergers: dict[int, RollupMerger] = {}
+        self.windows_written = 0
+        self.write_retries = 0
+        self.bad_records = 0
+
+    def revoke(self, partitions: Iterable[int]) -> None:
+        for partition in partitions:
+            self.mergers.pop(partition, None)
+
+    def _merger(self, partition: int) -> RollupMerger:
+        merger = self.mergers.get(partition)
+        if merger is None:
+            merger = self.mergers[partition] = RollupMerger(
+                source_partitions=self._source_partitions, max_wait_ms=self._max_wait_ms
+            )
+        return merger
+
+    def handle(self, partition: int, value: bytes) -> None:
+        try:
+            record = parse_stage_record(value)
+        except (ValueError, KeyError, TypeError) as exc:
+            # Only stage 1 writes this topic: a bad record is a bug or a foreign writer.
+            self.bad_records += 1
+            log.error("ignoring a record of the partials topic that is not ours: %s", exc)
+            return
+        merger = self._merger(partition)
+        if isinstance(record, PartitionProgress):
+            merger.add_progress(record)
+        else:
+            merger.add_partial(record, self._clock())
+
+    async def tick(self) -> None:
+        now = self._clock()
+        finals: list[FinalRollup] = []
+        for merger in list(self.mergers.values()):
+            finals.extend(merger.ready(now))
+        if finals:
+            await self._write(finals)
+
+    async def _write(self, finals: list[FinalRollup]) -> None:
+        # Never drop a window: while MLflow is down, wait and try again (the partials topic
+        # backs up meanwhile, which is the backpressure we want).
+        attempt = 0
+        while True:
+            try:
+                await asyncio.to_thread(self._writer.write, finals)
+            except RetryableExportError as exc:
+                attempt += 1
+                self.write_retries += 1
+                delay = min(self._retry_max_s, self._retry_base_s * 2 ** min(attempt, 6))
+                log.warning("MLflow write failed (%s); retrying in %.0fs", exc, delay)
+                await asyncio.sleep(delay)
+            else:
+                self.windows_written += len(finals)
+                for final in finals:
+                    log.info(
+                        "wrote window %d of %s: %s",
+                        final.window_start_ms,
+                        final.series.agent,
+                        {k: final.metrics()[k] for k in ("spans", "errors", "tokens_total")},
+                    )
+                return

@@ -1,0 +1,190 @@
+"""Helpers for integration tests: a worker as a real process, polling, reading the sinks back."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import httpx
+from mlflow.tracking import MlflowClient
+
+from processor.stack import StackEndpoints
+
+T = TypeVar("T")
+
+ROLLUP_METRICS = (
+    "spans",
+    "errors",
+    "error_rate",
+    "invocations",
+    "latency_p50_ms",
+    "latency_p95_ms",
+    "latency_p99_ms",
+    "latency_max_ms",
+    "llm_calls",
+    "tokens_prompt",
+    "tokens_completion",
+    "tokens_total",
+    "cost_usd",
+    "late_spans",
+)
+
+
+def poll_until(
+    probe: Callable[[], T | None], *, timeout_s: float, interval_s: float = 1.0, what: str
+) -> T:
+    """Call ``probe`` until it returns something other than None; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last is not None:
+            return last
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+@dataclass
+class WorkerProcess:
+    """`trace-processor worker` as ops run it: a separate process, configured by environment."""
+
+    env: dict[str, str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = field(default=None, init=False)
+
+    def start(self) -> WorkerProcess:
+        log_file = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "processor.cli", "worker"],
+            env=self.env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+        log_file.close()
+        return self
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def worker_env(
+    endpoints: StackEndpoints, *, name: str, data_dir: Path, **overrides: str
+) -> dict[str, str]:
+    """Environment of a worker whose topics, group and experiment are this test's own."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("PROCESSOR_", "KAFKA_", "MLFLOW_", "PHOENIX_"))
+    }
+    env.update(
+        {
+            "KAFKA_BOOTSTRAP_SERVERS": endpoints.kafka_bootstrap,
+            "MLFLOW_TRACKING_URI": endpoints.mlflow_url,
+            "MLFLOW_EXPERIMENT_NAME": name,
+            "PHOENIX_COLLECTOR_ENDPOINT": endpoints.phoenix_url,
+            "PROCESSOR_APP_ID": name,
+            "PROCESSOR_SPANS_TOPIC": f"{name}.spans",
+            "PROCESSOR_DEAD_LETTER_TOPIC": f"{name}.dlq",
+            "PROCESSOR_PARTIALS_TOPIC": f"{name}.partials",
+            "PROCESSOR_PHOENIX_PROJECT": name,
+            "PROCESSOR_DATA_DIR": str(data_dir),
+        }
+    )
+    env.update(overrides)
+    return env
+
+
+def phoenix_span_ids(phoenix_url: str, project: str) -> list[str]:
+    """Every span id Phoenix holds for ``project``, read through its REST API."""
+    ids: list[str] = []
+    cursor: str | None = None
+    with httpx.Client(base_url=phoenix_url, timeout=30) as client:
+        while True:
+            params: dict[str, str | int] = {"limit": 1000}
+            if cursor:
+                params["cursor"] = cursor
+            response = client.get(f"/v1/projects/{project}/spans", params=params)
+            if response.status_code == 404:
+                return []  # the project does not exist until its first span arrives
+            response.raise_for_status()
+            body = response.json()
+            ids.extend(span["context"]["span_id"] for span in body["data"])
+            cursor = body.get("next_cursor")
+            if not cursor:
+                return ids
+
+
+def mlflow_rollups(
+    mlflow_url: str, experiment_name: str
+) -> dict[tuple[str, int], dict[str, float]]:
+    """{(agent, window step): {metric: value}} for every run of the experiment.
+
+    A metric written more than once at a step (a replay with other values) shows up as a
+    list length > 1 in ``mlflow_metric_rows``; here the latest value wins.
+    """
+    client = MlflowClient(tracking_uri=mlflow_url)
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return {}
+    found: dict[tuple[str, int], dict[str, float]] = {}
+    for run in _all_runs(client, experiment.experiment_id):
+        agent = run.data.tags["agent"]
+        for metric in ROLLUP_METRICS:
+            for point in client.get_metric_history(run.info.run_id, metric):
+                found.setdefault((agent, point.step), {})[metric] = point.value
+    return found
+
+
+def mlflow_metric_rows(mlflow_url: str, experiment_name: str) -> dict[tuple[str, str, int], int]:
+    """How many rows MLflow stores per (agent, metric, step): 1 when writes are idempotent."""
+    client = MlflowClient(tracking_uri=mlflow_url)
+    experiment = client.get_experiment_by_name(experiment_name)
+    rows: dict[tuple[str, str, int], int] = {}
+    if experiment is None:
+        return rows
+    for run in _all_runs(client, experiment.experiment_id):
+        agent = run.data.tags["agent"]
+        for metric in ROLLUP_METRICS:
+            for point in client.get_metric_history(run.info.run_id, metric):
+                key = (agent, metric, point.step)
+                rows[key] = rows.get(key, 0) + 1
+    return rows
+
+
+def _all_runs(client: MlflowClient, experiment_id: str) -> Iterator[object]:
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], max_results=500, page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def expected_by_step(truth_rollups: list[Mapping[str, object]], window_size_ms: int) -> dict:
+    return {
+        (str(r["agent"]), int(r["window_start_ms"]) // window_size_ms): r  # type: ignore[call-overload]
+        for r in truth_rollups
+    }

@@ -1,0 +1,448 @@
+"""The load generator: realistic, deterministic traces, and a truth file that can be trusted.
+
+The truth is checked against a second, deliberately naive recount straight from the published
+bytes, so a bug in either shows up as a disagreement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import defaultdict
+from fractions import Fraction
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+
+from processor.loadgen import (
+    GeneratedTrace,
+    LateReorderer,
+    Scenario,
+    TraceGenerator,
+    Truth,
+    llm_cost_usd,
+    lower_quantile,
+    window_start_ms,
+)
+from processor.loadgen.pacing import realtime_traces
+
+WINDOW_MS = 60_000
+# A window boundary, so that trace 0 of a generator started here ends exactly on it.
+ALIGNED_START_MS = 1_700_000_040_000
+assert ALIGNED_START_MS % WINDOW_MS == 0
+
+
+def generate(count: int, **scenario: Any) -> list[GeneratedTrace]:
+    generator = TraceGenerator(Scenario(**scenario), start_ms=ALIGNED_START_MS, rate=20.0)
+    return list(generator.generate(count))
+
+
+def decoded_spans(trace: GeneratedTrace) -> list[Span]:
+    """The spans as a consumer sees them: parsed from the published bytes."""
+    request = ExportTraceServiceRequest.FromString(trace.payload)
+    return [span for rs in request.resource_spans for ss in rs.scope_spans for span in ss.spans]
+
+
+def attributes(span: Span) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for attribute in span.attributes:
+        which = attribute.value.WhichOneof("value")
+        assert which is not None
+        values[attribute.key] = getattr(attribute.value, which)
+    return values
+
+
+# Shape and determinism ---------------------------------------------------------------------
+
+
+def test_same_seed_gives_the_same_bytes_and_another_seed_does_not() -> None:
+    first = [t.payload for t in generate(30, seed=11)]
+    again = [t.payload for t in generate(30, seed=11)]
+    other = [t.payload for t in generate(30, seed=12)]
+    assert first == again
+    assert not set(first) & set(other)
+
+
+def test_trace_i_does_not_depend_on_the_traces_before_it() -> None:
+    generator = TraceGenerator(Scenario(seed=3), start_ms=ALIGNED_START_MS, rate=10.0)
+    whole = [t.payload for t in generator.generate(8)]
+    tail = [t.payload for t in generator.generate(3, first_index=5)]
+    assert tail == whole[5:]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(min_value=0, max_value=2**32),
+    trace_size=st.integers(min_value=4, max_value=150),
+    agents=st.integers(min_value=1, max_value=15),
+)
+def test_trace_structure_is_a_valid_otlp_trace(seed: int, trace_size: int, agents: int) -> None:
+    for trace in generate(4, seed=seed, trace_size=trace_size, agents=agents):
+        spans = decoded_spans(trace)
+        by_id = {span.span_id: span for span in spans}
+        assert len(by_id) == len(spans) == trace.span_count
+        assert [span.span_id for span in spans] == trace.span_ids
+        assert len(trace.trace_id) == 16 and any(trace.trace_id)
+        assert trace.trace_id_hex == trace.trace_id.hex()
+        roots = [span for span in spans if not span.parent_span_id]
+        assert len(roots) == 1
+        root = roots[0]
+        assert attributes(root)["agent.name"] == "orchestrator"
+        assert attributes(root)["openinference.span.kind"] == "AGENT"
+        # Exported as an SDK does, by end time: the root last.
+        assert spans[-1].span_id == root.span_id
+        assert trace.end_ms == root.end_time_unix_nano // 1_000_000
+        for span in spans:
+            assert span.trace_id == trace.trace_id
+            assert len(span.span_id) == 8 and any(span.span_id)
+            assert span.start_time_unix_nano < span.end_time_unix_nano
+            if span.parent_span_id:
+                parent = by_id[span.parent_span_id]  # every parent is in the trace
+                assert parent.start_time_unix_nano <= span.start_time_unix_nano
+                assert span.end_time_unix_nano <= parent.end_time_unix_nano
+
+
+def test_agent_name_is_set_on_agent_spans_and_only_there() -> None:
+    kinds_seen = set()
+    for trace in generate(60, trace_size=40):
+        for span in decoded_spans(trace):
+            values = attributes(span)
+            kind = values["openinference.span.kind"]
+            kinds_seen.add(kind)
+            assert ("agent.name" in values) == (kind == "AGENT")
+    assert kinds_seen == {"AGENT", "CHAIN", "LLM", "TOOL", "RETRIEVER"}
+
+
+def test_llm_spans_carry_consistent_tokens_and_cost_from_the_price_table() -> None:
+    llm_spans = 0
+    for trace in generate(40):
+        for span in decoded_spans(trace):
+            values = attributes(span)
+            if values["openinference.span.kind"] != "LLM":
+                continue
+            assert span.kind == Span.SPAN_KIND_CLIENT
+            if "llm.token_count.total" not in values:
+                assert span.status.code == Status.STATUS_CODE_ERROR  # failed calls report none
+                continue
+            llm_spans += 1
+            prompt = values["llm.token_count.prompt"]
+            completion = values["llm.token_count.completion"]
+            assert values["llm.token_count.total"] == prompt + completion
+            assert values["llm.cost.total"] == llm_cost_usd(
+                values["llm.model_name"], prompt, completion
+            )
+    assert llm_spans > 100
+
+
+def test_the_mean_trace_size_is_what_was_asked() -> None:
+    for asked in (20, 100):
+        traces = generate(400, trace_size=asked)
+        mean = sum(t.span_count for t in traces) / len(traces)
+        assert abs(mean - asked) < 0.08 * asked
+
+
+@pytest.mark.parametrize(
+    ("error_rate", "expect_errors"),
+    [(0.0, False), (0.05, True), (1.0, True)],
+)
+def test_error_rate_controls_failures(error_rate: float, expect_errors: bool) -> None:
+    traces = generate(50, error_rate=error_rate)
+    failed = [
+        span
+        for trace in traces
+        for span in decoded_spans(trace)
+        if span.status.code == Status.STATUS_CODE_ERROR
+    ]
+    assert bool(failed) == expect_errors
+    assert sum(t.error_count for t in traces) == len(failed)
+    assert all(span.status.message for span in failed)
+    if error_rate == 1.0:
+        # Every tool call fails when the rate is 1.
+        for trace in traces:
+            for span in decoded_spans(trace):
+                if attributes(span)["openinference.span.kind"] == "TOOL":
+                    assert span.status.code == Status.STATUS_CODE_ERROR
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"agents": 0},
+        {"trace_size": 3},
+        {"error_rate": -0.1},
+        {"error_rate": 1.5},
+        {"seed": -1},
+        {"service_name": ""},
+        {"latency_scale": 0.0},
+    ],
+)
+def test_scenario_rejects_nonsense(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        Scenario(**bad)
+
+
+def test_generator_rejects_nonsense() -> None:
+    with pytest.raises(ValueError):
+        TraceGenerator(Scenario(), start_ms=ALIGNED_START_MS, rate=0.0)
+    with pytest.raises(ValueError):
+        TraceGenerator(Scenario(), start_ms=-1)
+
+
+def test_simulated_clock_spaces_root_ends_by_one_over_rate() -> None:
+    generator = TraceGenerator(Scenario(), start_ms=ALIGNED_START_MS, rate=4.0)
+    ends = [t.end_ms for t in generator.generate(5)]
+    assert ends == [ALIGNED_START_MS + 250 * i for i in range(5)]
+
+
+# Truth -------------------------------------------------------------------------------------
+
+
+def brute_force_rollups(traces: list[GeneratedTrace], window_ms: int) -> list[dict[str, Any]]:
+    """The product's rules, applied as literally as possible to the decoded spans."""
+    groups: dict[tuple[int, str], list[tuple[Span, bool]]] = defaultdict(list)
+    for trace in traces:
+        spans = decoded_spans(trace)
+        by_id = {span.span_id: span for span in spans}
+
+        def agent_of(span: Span, by_id: dict[bytes, Span] = by_id) -> str:
+            while True:
+                own = attributes(span).get("agent.name")
+                if own:
+                    return str(own)
+                if span.parent_span_id not in by_id:
+                    return "agent-app"  # the resource's service.name
+                span = by_id[span.parent_span_id]
+
+        for span in spans:
+            agent = agent_of(span)
+            parent = by_id.get(span.parent_span_id)
+            invocation = parent is None or agent_of(parent) != agent
+            window = math.floor(span.end_time_unix_nano / 1_000_000 / window_ms) * window_ms
+            groups[(window, agent)].append((span, invocation))
+
+    rollups = []
+    for (window, agent), members in sorted(groups.items()):
+        latencies = sorted(
+            (span.end_time_unix_nano - span.start_time_unix_nano) / 1e6
+            for span, invocation in members
+            if invocation
+        )
+
+        def quantile(q: Fraction, latencies: list[float] = latencies) -> float | None:
+            return latencies[math.floor(q * (len(latencies) - 1))] if latencies else None
+
+        llm = [
+            attributes(span)
+            for span, _ in members
+            if attributes(span)["openinference.span.kind"] == "LLM"
+        ]
+        errors = sum(span.status.code == Status.STATUS_CODE_ERROR for span, _ in members)
+        rollups.append(
+            {
+                "agent": agent,
+                "window_start_ms": window,
+                "window_end_ms": window + window_ms,
+                "spans": len(members),
+                "errors": errors,
+                "error_rate": errors / len(members),
+                "invocations": len(latencies),
+                "latency_p50_ms": quantile(Fraction(1, 2)),
+                "latency_p95_ms": quantile(Fraction(95, 100)),
+                "latency_p99_ms": quantile(Fraction(99, 100)),
+                "latency_max_ms": max(latencies) if latencies else None,
+                "llm_calls": len(llm),
+                "tokens_prompt": sum(a.get("llm.token_count.prompt", 0) for a in llm),
+                "tokens_completion": sum(a.get("llm.token_count.completion", 0) for a in llm),
+                "tokens_total": sum(a.get("llm.token_count.total", 0) for a in llm),
+                "cost_usd": math.fsum(a.get("llm.cost.total", 0.0) for a in llm),
+            }
+        )
+    return rollups
+
+
+@pytest.mark.parametrize(
+    ("window_ms", "trace_size", "rate"),
+    [(60_000, 20, 20.0), (10_000, 60, 5.0), (1_000, 12, 50.0)],
+)
+def test_truth_equals_a_brute_force_recount_of_the_published_bytes(
+    window_ms: int, trace_size: int, rate: float
+) -> None:
+    generator = TraceGenerator(
+        Scenario(trace_size=trace_size, error_rate=0.1, seed=5),
+        start_ms=ALIGNED_START_MS,
+        rate=rate,
+    )
+    traces = list(generator.generate(150))
+    truth = Truth.from_traces(traces, window_size_ms=window_ms)
+    expected = brute_force_rollups(traces, window_ms)
+    assert len(truth.rollups) == len(expected) > 1
+    for got, want in zip(truth.rollups, expected, strict=True):
+        assert got["cost_usd"] == pytest.approx(want.pop("cost_usd"), rel=1e-12, abs=1e-12)
+        assert {k: v for k, v in got.items() if k != "cost_usd"} == want
+    assert truth.span_count == sum(t.span_count for t in traces)
+    assert truth.trace_count == len(traces)
+    assert sum(r["spans"] for r in truth.rollups) == truth.span_count
+    assert sum(r["errors"] for r in truth.rollups) == sum(t.error_count for t in traces)
+
+
+def test_tokens_repeated_on_chain_spans_are_not_counted_twice() -> None:
+    traces = generate(100, trace_size=30)
+    on_llm = on_chain = 0
+    for trace in traces:
+        for span in decoded_spans(trace):
+            values = attributes(span)
+            total = values.get("llm.token_count.total", 0)
+            if values["openinference.span.kind"] == "LLM":
+                on_llm += total
+            elif values["openinference.span.kind"] == "CHAIN":
+                on_chain += total
+    assert on_chain > 0, "the generator must exercise the double-counting trap"
+    truth = Truth.from_traces(traces)
+    assert sum(r["tokens_total"] for r in truth.rollups) == on_llm
+
+
+def test_nested_same_agent_spans_are_not_extra_invocations() -> None:
+    # A specialist that hands a step to itself (a recursive subgraph) makes an AGENT span whose
+    # parent has the same agent: by the rules that is not a new invocation.
+    traces = generate(300, trace_size=60)
+    agent_spans = nested_same_agent = 0
+    for trace in traces:
+        spans = decoded_spans(trace)
+        by_id = {span.span_id: span for span in spans}
+        for span in spans:
+            name = attributes(span).get("agent.name")
+            if name is None:
+                continue
+            agent_spans += 1
+            ancestor = by_id.get(span.parent_span_id)
+            while ancestor is not None and "agent.name" not in attributes(ancestor):
+                ancestor = by_id.get(ancestor.parent_span_id)
+            if ancestor is not None and attributes(ancestor)["agent.name"] == name:
+                nested_same_agent += 1
+    assert nested_same_agent > 0
+    truth = Truth.from_traces(traces)
+    assert sum(r["invocations"] for r in truth.rollups) == agent_spans - nested_same_agent
+
+
+@pytest.mark.parametrize(
+    ("end_ns", "window_ms", "start_ms"),
+    [
+        (0, 60_000, 0),
+        (60_000 * 1_000_000, 60_000, 60_000),  # ends exactly on a boundary: the next window
+        (60_000 * 1_000_000 - 1, 60_000, 0),  # one nanosecond earlier: the previous one
+        (59_999_999_999, 60_000, 0),
+        (1_700_000_040_000_000_000, 60_000, 1_700_000_040_000),
+        (1_700_000_039_999_999_999, 60_000, 1_699_999_980_000),
+        (12_345_678_901, 1_000, 12_000),
+    ],
+)
+def test_window_start_table(end_ns: int, window_ms: int, start_ms: int) -> None:
+    assert window_start_ms(end_ns, window_ms) == start_ms
+
+
+@given(
+    end_ns=st.integers(min_value=0, max_value=2**63 - 1),
+    window_ms=st.integers(min_value=1, max_value=86_400_000),
+)
+def test_window_holds_the_end_time(end_ns: int, window_ms: int) -> None:
+    start = window_start_ms(end_ns, window_ms)
+    assert start % window_ms == 0
+    assert start <= end_ns // 1_000_000 < start + window_ms
+
+
+def test_a_trace_ending_on_a_window_boundary_is_counted_in_the_window_it_opens() -> None:
+    generator = TraceGenerator(Scenario(seed=1), start_ms=ALIGNED_START_MS, rate=1.0)
+    boundary_ns = ALIGNED_START_MS * 1_000_000
+    on_boundary = generator.trace(0, end_ns=boundary_ns)
+    just_before = generator.trace(1, end_ns=boundary_ns - 1)
+    truth = Truth.from_traces([on_boundary], window_size_ms=WINDOW_MS)
+    rollup = truth.rollup("orchestrator", ALIGNED_START_MS)
+    assert rollup is not None and rollup["invocations"] == 1
+    truth = Truth.from_traces([just_before], window_size_ms=WINDOW_MS)
+    rollup = truth.rollup("orchestrator", ALIGNED_START_MS - WINDOW_MS)
+    assert rollup is not None and rollup["invocations"] == 1
+    assert truth.rollup("orchestrator", ALIGNED_START_MS) is None
+
+
+@pytest.mark.parametrize(
+    ("n", "percent", "index"),
+    [(1, 99, 0), (2, 50, 0), (20, 95, 18), (21, 95, 19), (101, 99, 99), (100, 50, 49)],
+)
+def test_lower_quantile_picks_the_lower_order_statistic(n: int, percent: int, index: int) -> None:
+    values = [float(i) for i in range(n)]
+    assert lower_quantile(values, percent) == values[index]
+
+
+def test_truth_file_round_trips() -> None:
+    truth = Truth.from_traces(generate(30), window_size_ms=10_000)
+    again = Truth.from_json(truth.to_json())
+    assert again == truth
+    assert again.rollups == sorted(truth.rollups, key=lambda r: (r["window_start_ms"], r["agent"]))
+
+
+# Lateness and pacing -----------------------------------------------------------------------
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    ends=st.lists(st.integers(min_value=0, max_value=100_000), min_size=1, max_size=60),
+    fraction=st.floats(min_value=0.0, max_value=1.0),
+    max_delay_ms=st.integers(min_value=1, max_value=30_000),
+    seed=st.integers(min_value=0, max_value=1000),
+)
+def test_late_traces_come_out_once_and_no_earlier_than_their_delay(
+    ends: list[int], fraction: float, max_delay_ms: int, seed: int
+) -> None:
+    ends.sort()
+    reorderer: LateReorderer[_Stamped] = LateReorderer(
+        fraction=fraction, max_delay_ms=max_delay_ms, seed=seed
+    )
+    published: list[tuple[_Stamped, int, float]] = []  # (trace, delay, newest end fed so far)
+    for i, end in enumerate(ends):
+        for trace, delay in reorderer.push(_Stamped(i, end)):
+            published.append((trace, delay, end))
+    for trace, delay in reorderer.drain():
+        published.append((trace, delay, math.inf))
+    assert sorted(trace.index for trace, _, _ in published) == list(range(len(ends)))
+    for trace, delay, newest in published:
+        assert 0 <= delay <= max_delay_ms
+        if delay:
+            assert newest >= trace.end_ms + delay
+    if fraction == 0.0:
+        assert [trace.index for trace, _, _ in published] == list(range(len(ends)))
+
+
+class _Stamped:
+    def __init__(self, index: int, end_ms: int) -> None:
+        self.index = index
+        self.end_ms = end_ms
+
+
+def test_realtime_traces_keep_the_rate_and_end_at_the_wall_clock() -> None:
+    now = [1_000.0]
+    wall_ns = [ALIGNED_START_MS * 1_000_000]
+
+    async def sleep(seconds: float) -> None:
+        now[0] += seconds
+        wall_ns[0] += round(seconds * 1e9)
+
+    async def collect() -> list[GeneratedTrace]:
+        generator = TraceGenerator(Scenario(seed=2), start_ms=0, rate=4.0)
+        stream = realtime_traces(
+            generator,
+            rate=4.0,
+            count=None,
+            duration_s=2.0,
+            wall_clock_ns=lambda: wall_ns[0],
+            monotonic_s=lambda: now[0],
+            sleep=sleep,
+        )
+        return [trace async for trace in stream]
+
+    traces = asyncio.run(collect())
+    assert len(traces) == 8  # 2 s at 4 traces/s
+    assert [t.end_ms for t in traces] == [ALIGNED_START_MS + 250 * i for i in range(8)]
