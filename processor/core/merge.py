@@ -5,6 +5,10 @@ replayed partial replaces its twin, so nothing is counted twice) and each partit
 A window is final once every source partition has closed it, or, when some partition stays
 silent, ``max_wait_ms`` of wall-clock time after its first partial arrived; such a window is
 marked incomplete.
+
+After a restart the merger replays its input from the committed offset. ``finalized_until``
+(stored with the commit) says which windows were already written: a partial for one of them
+is the twin of one already merged, re-sent by a stage-1 replay, and is ignored.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from processor.core.rollup import FinalRollup, PartialRollup, PartitionProgress,
 class _PendingWindow:
     window_size_ms: int
     first_seen_ms: int
+    min_offset: int
     partials: dict[int, PartialRollup] = field(default_factory=dict)
 
 
@@ -30,17 +35,33 @@ class RollupMerger:
         self._max_wait_ms = max_wait_ms
         self._pending: dict[tuple[SeriesKey, int], _PendingWindow] = {}
         self._closed_until: dict[int, int] = {}
+        self.finalized_until_ms: int | None = None
+        self.ignored_replays = 0
 
     @property
     def source_partitions(self) -> int:
         return self._source_partitions
 
-    def add_partial(self, partial: PartialRollup, now_ms: int) -> None:
+    def add_partial(self, partial: PartialRollup, now_ms: int, offset: int = 0) -> bool:
+        """Keep ``partial`` (replacing its twin); False when its window was written already."""
+        finalized = self.finalized_until_ms
+        if finalized is not None and partial.window_end_ms <= finalized:
+            self.ignored_replays += 1
+            return False
         key = (partial.series, partial.window_start_ms)
         pending = self._pending.get(key)
         if pending is None:
-            pending = self._pending[key] = _PendingWindow(partial.window_size_ms, now_ms)
+            pending = self._pending[key] = _PendingWindow(partial.window_size_ms, now_ms, offset)
+        elif offset < pending.min_offset:
+            pending.min_offset = offset
         pending.partials[partial.source_partition] = partial
+        return True
+
+    def min_pending_offset(self) -> int | None:
+        """Offset of the oldest input record of a window not yet final: safe to commit below."""
+        if not self._pending:
+            return None
+        return min(pending.min_offset for pending in self._pending.values())
 
     def add_progress(self, progress: PartitionProgress) -> None:
         previous = self._closed_until.get(progress.source_partition)
@@ -56,6 +77,11 @@ class RollupMerger:
     def ready(self, now_ms: int) -> list[FinalRollup]:
         """Pop and return every window that is final now, oldest first."""
         closed = self.all_closed_until()
+        if closed is not None and (
+            self.finalized_until_ms is None or closed > self.finalized_until_ms
+        ):
+            # Every window ending by ``closed`` is final below (or had no partial at all).
+            self.finalized_until_ms = closed
         finals: list[FinalRollup] = []
         for key in sorted(self._pending, key=lambda k: (k[1], k[0].agent, k[0].dimensions)):
             series, start = key

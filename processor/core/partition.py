@@ -5,12 +5,24 @@ wall-clock time, and asks it to ``advance``; it answers with the partial rollups
 the watermark has passed and a progress mark. A window closes once the watermark has passed its
 end and no span in it still waits for its parent's attribution. A span whose window has closed
 is counted in ``late_spans`` of the window currently open, never dropped.
+
+Exactly-once effect without transactions: ``checkpoint(next_offset)`` names the offset it is
+safe to commit (every trace that fed an open window, or still waits, was first seen at or
+after it) and a small state to store with the commit: the watermark and closed-until *as they
+were before that offset*, and how far windows have been sent. ``restore`` puts that state back
+in a fresh aggregator; replaying from the committed offset then takes the same decisions as the
+first run, re-sends byte-identical partials of the windows not yet committed, and suppresses
+the windows that were already sent.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
+
+import orjson
 
 from processor.core.aggregate import WindowAggregate
 from processor.core.attribution import AttributedSpan, TraceAssembler
@@ -26,6 +38,46 @@ class PartitionStats:
     late_spans: int = 0
     overflow_spans: int = 0
     windows_closed: int = 0
+    replayed_spans: int = 0  # spans of windows already sent before a restart: not resent
+
+
+@dataclass(slots=True, frozen=True)
+class Checkpoint:
+    """What a replay from ``offset`` needs to decide exactly as the first run did."""
+
+    offset: int
+    max_event_ms: int | None
+    watermark_ms: int | None
+    closed_until_ms: int | None
+    sent_until_ms: int | None  # windows ending at or before this are out already
+
+    def encode(self) -> str:
+        return orjson.dumps(
+            {
+                "v": 1,
+                "max_event_ms": self.max_event_ms,
+                "watermark_ms": self.watermark_ms,
+                "closed_until_ms": self.closed_until_ms,
+                "sent_until_ms": self.sent_until_ms,
+            }
+        ).decode()
+
+    @classmethod
+    def decode(cls, offset: int, text: str) -> Checkpoint | None:
+        """The checkpoint stored with a commit; None for an empty or foreign metadata string."""
+        try:
+            data: dict[str, Any] = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(data, dict) or data.get("v") != 1:
+            return None
+        return cls(
+            offset=offset,
+            max_event_ms=data.get("max_event_ms"),
+            watermark_ms=data.get("watermark_ms"),
+            closed_until_ms=data.get("closed_until_ms"),
+            sent_until_ms=data.get("sent_until_ms"),
+        )
 
 
 @dataclass(slots=True)
@@ -59,14 +111,35 @@ class PartitionAggregator:
         self._windows: dict[int, dict[SeriesKey, WindowAggregate]] = {}
         self._window_min_offset: dict[int, int] = {}
         self.closed_until_ms: int | None = None
+        self._sent_until_ms: int | None = None  # after a restore: what the first run sent
+        # trace id -> (offset where this partition first saw it, its latest end ms)
+        self._trace_first_offset: dict[bytes, tuple[int, int]] = {}
+        self._attribution_wait_ms = allowed_lateness_ms
+        self._trace_ttl_ms = 2 * window_size_ms
+        # (offset, max event, watermark, closed until) before each message not yet committed
+        self._before: deque[tuple[int, int | None, int | None, int | None]] = deque()
         self.stats = PartitionStats()
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Start from a committed checkpoint (call before the first ``add``)."""
+        self.watermark.max_event_ms = checkpoint.max_event_ms
+        self.watermark.value_ms = checkpoint.watermark_ms
+        self.closed_until_ms = checkpoint.closed_until_ms
+        self._sent_until_ms = checkpoint.sent_until_ms
 
     def add(self, offset: int, spans: Iterable[SpanRecord], now_ms: int) -> None:
         watermark = self.watermark
+        self._before.append(
+            (offset, watermark.max_event_ms, watermark.value_ms, self.closed_until_ms)
+        )
         watermark.touch(now_ms)
         assembler = self.assembler
+        first_offsets = self._trace_first_offset
         for span in spans:
             watermark.observe(span.end_ms, now_ms)
+            seen = first_offsets.get(span.trace_id)
+            if seen is None or span.end_ms > seen[1]:
+                first_offsets[span.trace_id] = (seen[0] if seen else offset, span.end_ms)
             for attributed in assembler.add(span, offset):
                 self._aggregate(attributed)
 
@@ -76,13 +149,22 @@ class PartitionAggregator:
         start = span.end_ms - span.end_ms % self._size
         closed = self.closed_until_ms
         series = SeriesKey(item.agent, span.dimensions)
+        seen = self._trace_first_offset.get(span.trace_id)
+        # A window's replay point is the first offset of every trace that fed it.
+        replay_from = seen[0] if seen is not None else item.offset
         if closed is not None and start + self._size <= closed:
             # Its window is out already: count it where it arrived, in the open window.
             self.stats.late_spans += 1
-            head = max(self.watermark.max_event_ms or closed, closed)
-            self._series(window_start(head, self._size), series, item.offset).late_spans += 1
+            head = window_start(max(self.watermark.max_event_ms or closed, closed), self._size)
+            if self._already_sent(head):
+                self.stats.replayed_spans += 1
+                return
+            self._series(head, series, replay_from).late_spans += 1
             return
-        self._series(start, series, item.offset).add(
+        if self._already_sent(start):
+            self.stats.replayed_spans += 1
+            return
+        self._series(start, series, replay_from).add(
             trace_id=span.trace_id,
             duration_ns=span.end_ns - span.start_ns,
             is_error=span.is_error,
@@ -93,6 +175,10 @@ class PartitionAggregator:
             tokens_total=span.tokens_total,
             cost_nanos=span.cost_nanos,
         )
+
+    def _already_sent(self, start: int) -> bool:
+        sent = self._sent_until_ms
+        return sent is not None and start + self._size <= sent
 
     def _series(self, start: int, series: SeriesKey, offset: int) -> WindowAggregate:
         window = self._windows.get(start)
@@ -128,10 +214,14 @@ class PartitionAggregator:
         if self.closed_until_ms is not None and candidate <= self.closed_until_ms:
             return AdvanceResult([], PartitionProgress(self.partition, self.closed_until_ms))
         self.closed_until_ms = candidate
+        self._forget_old_traces(watermark_ms)
         partials: list[PartialRollup] = []
         for start in sorted(self._windows):
             if start + self._size > candidate:
                 break
+            if self._already_sent(start):
+                del self._windows[start], self._window_min_offset[start]
+                continue
             for series, aggregate in sorted(
                 self._windows.pop(start).items(),
                 key=lambda item: (item[0].agent, item[0].dimensions),
@@ -141,13 +231,50 @@ class PartitionAggregator:
             self.stats.windows_closed += 1
         return AdvanceResult(partials, PartitionProgress(self.partition, candidate))
 
+    def _forget_old_traces(self, watermark_ms: int) -> None:
+        limit = watermark_ms - self._trace_ttl_ms
+        first_offsets = self._trace_first_offset
+        stale = [trace for trace, (_, end_ms) in first_offsets.items() if end_ms < limit]
+        for trace in stale:
+            del first_offsets[trace]
+
     def min_open_offset(self) -> int | None:
-        """Smallest source offset that fed a window or a span not yet written out."""
+        """Smallest first offset of a trace that fed an open window or may still be waiting."""
         offsets = list(self._window_min_offset.values())
-        pending = self.assembler.min_pending_offset()
-        if pending is not None:
-            offsets.append(pending)
+        watermark_ms = self.watermark.value_ms
+        # A trace seen within the attribution wait may still hold spans waiting for a parent.
+        recent = (watermark_ms if watermark_ms is not None else 0) - self._attribution_wait_ms
+        offsets.extend(
+            first for first, end_ms in self._trace_first_offset.values() if end_ms > recent
+        )
         return min(offsets) if offsets else None
+
+    def checkpoint(self, next_offset: int, *, limit: int | None = None) -> Checkpoint:
+        """The offset safe to commit (at most ``next_offset`` and ``limit``) and its state.
+
+        ``next_offset`` is the offset after the last message added; ``limit`` lets the caller
+        hold the commit back further (spans not yet accepted by Phoenix).
+        """
+        safe = next_offset
+        for candidate in (self.min_open_offset(), limit):
+            if candidate is not None and candidate < safe:
+                safe = candidate
+        before = self._before
+        while before and before[0][0] < safe:
+            before.popleft()
+        if before:
+            # the first message added at or after ``safe``: nothing in between changed state
+            _, max_event, watermark_ms, closed = before[0]
+        else:  # nothing added at or after ``safe`` yet: the state now is the state there
+            max_event, watermark_ms, closed = (
+                self.watermark.max_event_ms,
+                self.watermark.value_ms,
+                self.closed_until_ms,
+            )
+        sent = self.closed_until_ms
+        if self._sent_until_ms is not None and (sent is None or self._sent_until_ms > sent):
+            sent = self._sent_until_ms
+        return Checkpoint(safe, max_event, watermark_ms, closed, sent)
 
     @property
     def open_windows(self) -> list[int]:

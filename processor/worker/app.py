@@ -9,16 +9,19 @@ from typing import Any
 
 import faust
 import mode
+import orjson
 from faust.types import TP
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from processor.clock import wall_clock_ms
+from processor.core.partition import Checkpoint
 from processor.core.semconv import ExtractionConfig
 from processor.core.spans import SpanOrigin
 from processor.settings import WorkerSettings
 from processor.sinks.mlflow_writer import RollupWriter
 from processor.sinks.otlp_batch import build_request
 from processor.sinks.phoenix import ExportResult, PhoenixExporter
+from processor.worker.commits import CheckpointingTransport, CommitLedger, committed_metadata
 from processor.worker.forwarding import SpanForwarder
 from processor.worker.stage1 import DeadLetter, Stage1
 from processor.worker.stage2 import Stage2
@@ -36,9 +39,18 @@ def _headers_of(raw: Any) -> dict[str, bytes]:
     return {str(k).lower(): (v if isinstance(v, bytes) else str(v).encode()) for k, v in items}
 
 
+class ProcessorApp(faust.App):
+    """A faust app whose commits carry the checkpoint of ``commit_ledger``."""
+
+    commit_ledger: CommitLedger
+
+    def _new_transport(self) -> Any:
+        return CheckpointingTransport(self.conf.broker_consumer, self)
+
+
 def create_app(settings: WorkerSettings, *, source_partitions: int | None = None) -> faust.App:
     """Build the worker's faust app; topics must exist (see ``processor.worker.topics``)."""
-    app = faust.App(
+    app = ProcessorApp(
         settings.app_id,
         broker=[
             f"kafka://{server.strip()}" for server in settings.kafka_bootstrap_servers.split(",")
@@ -51,6 +63,9 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=1.0,
         stream_buffer_maxsize=4096,
+        # Events are acknowledged only once their data is safely out (see commits.py), so a
+        # rebalance must not wait for every event read to be acknowledged.
+        stream_wait_empty=False,
         datadir=str(settings.data_dir),
     )
     spans_topic = app.topic(
@@ -136,25 +151,34 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
         ),
         clock=wall_clock_ms,
     )
+    ledger = app.commit_ledger = CommitLedger()
     app.stage1 = stage1  # type: ignore[attr-defined]
     app.stage2 = stage2  # type: ignore[attr-defined]
 
     @app.agent(spans_topic, name="stage1")
-    async def stage1_agent(stream: faust.StreamT[bytes]) -> None:
-        async for event in stream.events():
+    async def stage1_agent(stream: Any) -> None:  # faust.Stream; its stub lacks noack()
+        async for event in stream.noack().events():
             message = event.message
+            ledger.hold(message.tp, message.offset, event)
+            value = message.value
+            # The event stays held until its data is out; its payload need not.
+            message.value = event.value = None
             await stage1.handle(
                 message.partition,
                 message.offset,
                 message.key,
-                message.value,
+                value,
                 _headers_of(message.headers),
             )
 
     @app.agent(partials_topic, name="stage2")
-    async def stage2_agent(stream: faust.StreamT[bytes]) -> None:
-        async for event in stream.events():
-            stage2.handle(event.message.partition, event.message.value)
+    async def stage2_agent(stream: Any) -> None:
+        async for event in stream.noack().events():
+            message = event.message
+            ledger.hold(message.tp, message.offset, event)
+            value = message.value
+            message.value = event.value = None
+            stage2.handle(message.partition, message.offset, value or b"")
 
     def caught_up(partition: int) -> bool:
         tp = TP(settings.spans_topic, partition)
@@ -172,23 +196,47 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
 
     @app.timer(TICK_INTERVAL_S)
     async def stage1_tick() -> None:
-        await stage1.tick(caught_up)
         if forwarder is not None:
             await forwarder.flush()
+        for partition, checkpoint in (await stage1.tick(caught_up)).items():
+            ledger.release(
+                TP(settings.spans_topic, partition), checkpoint.offset, checkpoint.encode()
+            )
 
     # Separate from stage 1's timer: a slow MLflow must not hold back watermarks.
     @app.timer(TICK_INTERVAL_S)
     async def stage2_tick() -> None:
-        await stage2.tick()
+        for partition, (offset, finalized_until) in (await stage2.tick()).items():
+            metadata = (
+                "" if finalized_until is None else f'{{"finalized_until_ms":{finalized_until}}}'
+            )
+            ledger.release(TP(settings.partials_topic, partition), offset, metadata)
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def on_revoked(app: faust.App, revoked: set[TP], **kwargs: Any) -> None:
-        stage1.revoke(tp.partition for tp in revoked if tp.topic == settings.spans_topic)
-        stage2.revoke(tp.partition for tp in revoked if tp.topic == settings.partials_topic)
+        # Every rebalance restarts all assigned partitions at their committed offsets.
+        ledger.forget(revoked)
+        stage1.revoke_all()
+        stage2.revoke_all()
+        if forwarder is not None:
+            forwarder.forget(tp.partition for tp in revoked if tp.topic == settings.spans_topic)
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def on_assigned(app: faust.App, assigned: set[TP], **kwargs: Any) -> None:
-        stage1.assign(tp.partition for tp in assigned if tp.topic == settings.spans_topic)
+        ours = [
+            tp for tp in assigned if tp.topic in (settings.spans_topic, settings.partials_topic)
+        ]
+        committed = await committed_metadata(
+            settings.kafka_bootstrap_servers, settings.app_id, ours
+        )
+        for tp in ours:
+            offset, metadata = committed.get(tp, (0, ""))
+            if tp.topic == settings.spans_topic:
+                stage1.assign(
+                    tp.partition, Checkpoint.decode(offset, metadata) if metadata else None
+                )
+            else:
+                stage2.assign(tp.partition, _finalized_until(metadata))
 
     @app.task
     async def announce() -> None:
@@ -210,6 +258,16 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
                 await forwarder.drain(FLUSH_DRAIN_TIMEOUT_S)
 
     return app
+
+
+def _finalized_until(metadata: str) -> int | None:
+    if not metadata:
+        return None
+    try:
+        value = orjson.loads(metadata).get("finalized_until_ms")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return value if isinstance(value, int) else None
 
 
 def run_worker(settings: WorkerSettings, argv: Sequence[str] = ()) -> None:

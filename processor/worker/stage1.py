@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from processor.clock import Clock
+from processor.core.attribution import TraceAssembler
 from processor.core.decoding import decode_request, extract_spans
-from processor.core.partition import AdvanceResult, PartitionAggregator
+from processor.core.partition import AdvanceResult, Checkpoint, PartitionAggregator
 from processor.core.rollup import PartialRollup, PartitionProgress
 from processor.core.semconv import ExtractionConfig
 from processor.core.spans import RejectedSpan
@@ -80,30 +81,36 @@ class Stage1:
         self._send_dead_letter = send_dead_letter
         self._clock = clock
         self.partitions: dict[int, PartitionAggregator] = {}
+        self._next_offset: dict[int, int] = {}
         self.counters = Stage1Counters()
 
-    def assign(self, partitions: Iterable[int]) -> None:
-        from processor.core.attribution import TraceAssembler
+    def assign(self, partition: int, checkpoint: Checkpoint | None) -> None:
+        """Take over ``partition``, resuming from the checkpoint committed with its offset."""
+        aggregator = PartitionAggregator(
+            partition,
+            window_size_ms=self._window_size_ms,
+            allowed_lateness_ms=self._allowed_lateness_ms,
+            idle_timeout_ms=self._idle_timeout_ms,
+            max_series_per_window=self._max_series,
+            assembler=TraceAssembler(
+                max_traces=self._max_traces,
+                attribution_wait_ms=self._allowed_lateness_ms,
+                trace_ttl_ms=2 * self._window_size_ms,
+            ),
+        )
+        if checkpoint is not None:
+            aggregator.restore(checkpoint)
+            self._next_offset[partition] = checkpoint.offset
+        # The idle timeout counts from the assignment: a partition just taken over has not had
+        # the chance to deliver anything yet.
+        aggregator.watermark.touch(self._clock())
+        self.partitions[partition] = aggregator
 
-        for partition in partitions:
-            if partition not in self.partitions:
-                self.partitions[partition] = PartitionAggregator(
-                    partition,
-                    window_size_ms=self._window_size_ms,
-                    allowed_lateness_ms=self._allowed_lateness_ms,
-                    idle_timeout_ms=self._idle_timeout_ms,
-                    max_series_per_window=self._max_series,
-                    assembler=TraceAssembler(
-                        max_traces=self._max_traces,
-                        attribution_wait_ms=self._allowed_lateness_ms,
-                        trace_ttl_ms=2 * self._window_size_ms,
-                    ),
-                )
-
-    def revoke(self, partitions: Iterable[int]) -> None:
-        # The next owner replays from the committed offset and rebuilds the same state.
-        for partition in partitions:
-            self.partitions.pop(partition, None)
+    def revoke_all(self) -> None:
+        # Every rebalance restarts each partition at its committed offset, here or elsewhere:
+        # the state is rebuilt from the checkpoint and the replay.
+        self.partitions.clear()
+        self._next_offset.clear()
 
     async def handle(
         self,
@@ -116,8 +123,9 @@ class Stage1:
         self.counters.messages += 1
         aggregator = self.partitions.get(partition)
         if aggregator is None:
-            self.assign([partition])
+            self.assign(partition, None)
             aggregator = self.partitions[partition]
+        self._next_offset[partition] = offset + 1
         payload = value or b""
         content_type = headers.get("content-type")
         try:
@@ -134,7 +142,7 @@ class Stage1:
         self.counters.spans += len(decoded.spans)
         aggregator.add(offset, decoded.spans, self._clock())
         if self._forwarder is not None and decoded.spans:
-            await self._forwarder.add(decoded.spans)
+            await self._forwarder.add(decoded.spans, partition=partition, offset=offset)
 
     async def _reject_spans(
         self, rejected: list[RejectedSpan], partition: int, offset: int, key: bytes | None
@@ -158,12 +166,25 @@ class Stage1:
         )
         await self._send_dead_letter(DeadLetter(value, reason, detail, partition, offset, key))
 
-    async def tick(self, caught_up: Callable[[int], bool]) -> None:
-        """Advance every partition's watermark and send what closed."""
+    async def tick(self, caught_up: Callable[[int], bool]) -> dict[int, Checkpoint]:
+        """Advance every partition's watermark, send what closed, return safe checkpoints.
+
+        A checkpoint's offset has everything before it in a partial handed to the producer
+        (faust flushes the producer before it commits) and accepted by Phoenix.
+        """
         now = self._clock()
+        checkpoints: dict[int, Checkpoint] = {}
         for partition, aggregator in list(self.partitions.items()):
             result = aggregator.advance(now, caught_up=caught_up(partition))
             await self._emit(result)
+            next_offset = self._next_offset.get(partition)
+            if next_offset is None or self.partitions.get(partition) is not aggregator:
+                continue  # nothing read yet, or revoked while we were sending
+            limit = (
+                self._forwarder.pending_offset(partition) if self._forwarder is not None else None
+            )
+            checkpoints[partition] = aggregator.checkpoint(next_offset, limit=limit)
+        return checkpoints
 
     async def _emit(self, result: AdvanceResult) -> None:
         for partial in result.partials:

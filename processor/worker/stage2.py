@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
 
 from processor.clock import Clock
 from processor.core.merge import RollupMerger
@@ -33,13 +32,18 @@ class Stage2:
         self._retry_base_s = retry_base_s
         self._retry_max_s = retry_max_s
         self.mergers: dict[int, RollupMerger] = {}
+        self._next_offset: dict[int, int] = {}
         self.windows_written = 0
         self.write_retries = 0
         self.bad_records = 0
 
-    def revoke(self, partitions: Iterable[int]) -> None:
-        for partition in partitions:
-            self.mergers.pop(partition, None)
+    def assign(self, partition: int, finalized_until_ms: int | None) -> None:
+        merger = self._merger(partition)
+        merger.finalized_until_ms = finalized_until_ms
+
+    def revoke_all(self) -> None:
+        self.mergers.clear()
+        self._next_offset.clear()
 
     def _merger(self, partition: int) -> RollupMerger:
         merger = self.mergers.get(partition)
@@ -49,7 +53,8 @@ class Stage2:
             )
         return merger
 
-    def handle(self, partition: int, value: bytes) -> None:
+    def handle(self, partition: int, offset: int, value: bytes) -> None:
+        self._next_offset[partition] = offset + 1
         try:
             record = parse_stage_record(value)
         except (ValueError, KeyError, TypeError) as exc:
@@ -61,15 +66,26 @@ class Stage2:
         if isinstance(record, PartitionProgress):
             merger.add_progress(record)
         else:
-            merger.add_partial(record, self._clock())
+            merger.add_partial(record, self._clock(), offset)
 
-    async def tick(self) -> None:
+    async def tick(self) -> dict[int, tuple[int, int | None]]:
+        """Write final windows; return, per partition, the safe offset and finalized-until."""
         now = self._clock()
         finals: list[FinalRollup] = []
-        for merger in list(self.mergers.values()):
+        mergers = list(self.mergers.items())
+        for _, merger in mergers:
             finals.extend(merger.ready(now))
         if finals:
             await self._write(finals)
+        safe: dict[int, tuple[int, int | None]] = {}
+        for partition, merger in mergers:
+            next_offset = self._next_offset.get(partition)
+            if next_offset is None or self.mergers.get(partition) is not merger:
+                continue
+            pending = merger.min_pending_offset()
+            offset = next_offset if pending is None else min(pending, next_offset)
+            safe[partition] = (offset, merger.finalized_until_ms)
+        return safe
 
     async def _write(self, finals: list[FinalRollup]) -> None:
         # Never drop a window: while MLflow is down, wait and try again (the partials topic

@@ -188,3 +188,20 @@ def expected_by_step(truth_rollups: list[Mapping[str, object]], window_size_ms: 
         (str(r["agent"]), int(r["window_start_ms"]) // window_size_ms): r  # type: ignore[call-overload]
         for r in truth_rollups
     }
+
+
+def mlflow_metric_values(
+    mlflow_url: str, experiment_name: str
+) -> dict[tuple[str, str, int], set[float]]:
+    """The distinct values MLflow holds per (agent, metric, step)."""
+    client = MlflowClient(tracking_uri=mlflow_url)
+    experiment = client.get_experiment_by_name(experiment_name)
+    values: dict[tuple[str, str, int], set[float]] = {}
+    if experiment is None:
+        return values
+    for run in _all_runs(client, experiment.experiment_id):
+        agent = run.data.tags["agent"]
+        for metric in ROLLUP_METRICS:
+            for point in client.get_metric_history(run.info.run_id, metric):
+                values.setdefault((agent, metric, point.step), set()).add(point.value)
+    return values

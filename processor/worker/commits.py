@@ -1,0 +1,119 @@
+"""Offset commits that carry a checkpoint, and manual acks up to a safe offset.
+
+Faust commits the highest contiguous offset its streams have acknowledged. The worker's
+streams do not acknowledge a message when they have read it, but only once everything it
+carried is out (in a written partial, in a Phoenix batch Phoenix accepted, or in MLflow):
+``CommitLedger.release`` acks the held events below the safe offset. The checkpoint that a
+replay from that offset needs travels in the commit itself, as Kafka's per-partition commit
+metadata, so offset and state are stored in one atomic write: no transactions, no second
+store to keep in step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.structs import OffsetAndMetadata
+from aiokafka.structs import TopicPartition as KafkaTopicPartition
+from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP, EventT
+
+log = logging.getLogger(__name__)
+
+MAX_METADATA_BYTES = 4096  # the broker's default offset.metadata.max.bytes
+
+
+class CommitLedger:
+    """Held (unacknowledged) events per partition and the metadata of each safe offset."""
+
+    def __init__(self) -> None:
+        self._held: dict[TP, deque[tuple[int, EventT]]] = {}
+        self._metadata: dict[TP, tuple[int, str]] = {}
+
+    def hold(self, tp: TP, offset: int, event: EventT) -> None:
+        self._held.setdefault(tp, deque()).append((offset, event))
+
+    def release(self, tp: TP, safe_offset: int, metadata: str = "") -> int:
+        """Ack every held event below ``safe_offset``; remember ``metadata`` for that offset."""
+        if len(metadata.encode()) > MAX_METADATA_BYTES:
+            raise ValueError(f"commit metadata over {MAX_METADATA_BYTES} bytes: {metadata[:80]}")
+        self._metadata[tp] = (safe_offset, metadata)
+        held = self._held.get(tp)
+        released = 0
+        while held and held[0][0] < safe_offset:
+            _, event = held.popleft()
+            event.ack()
+            released += 1
+        return released
+
+    def metadata_for(self, tp: TP, offset: int) -> str:
+        entry = self._metadata.get(tp)
+        return entry[1] if entry is not None and entry[0] == offset else ""
+
+    def forget(self, tps: Iterable[TP]) -> None:
+        # The next owner re-reads these messages from the committed offset.
+        for tp in tps:
+            self._held.pop(tp, None)
+
+    def held_count(self, tp: TP) -> int:
+        held = self._held.get(tp)
+        return len(held) if held else 0
+
+
+class _CheckpointingConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    async def _commit(self, offsets: Mapping[TP, int]) -> bool:
+        ledger: CommitLedger | None = getattr(self.app, "commit_ledger", None)
+        if ledger is None:
+            return await super()._commit(offsets)
+        consumer = self._ensure_consumer()
+        assignment = self.assignment()
+        with_metadata = {
+            KafkaTopicPartition(tp.topic, tp.partition): OffsetAndMetadata(
+                offset, ledger.metadata_for(tp, offset)
+            )
+            for tp, offset in offsets.items()
+            if tp in assignment
+        }
+        if not with_metadata:
+            return False
+        try:
+            await consumer.commit(with_metadata)
+        except Exception as exc:  # faust's own _commit treats every failure as "not committed"
+            log.warning("offset commit failed, will retry: %r", exc)
+            return False
+        return True
+
+
+class _CheckpointingConsumer(faust_aiokafka.Consumer):
+    def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
+        return _CheckpointingConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class CheckpointingTransport(faust_aiokafka.Transport):
+    """faust's aiokafka transport, committing with the ledger's metadata."""
+
+    Consumer = _CheckpointingConsumer
+
+
+async def committed_metadata(
+    bootstrap_servers: str, group_id: str, tps: Iterable[TP]
+) -> dict[TP, tuple[int, str]]:
+    """The committed offset and metadata of each partition that has a commit."""
+    wanted = [KafkaTopicPartition(tp.topic, tp.partition) for tp in tps]
+    if not wanted:
+        return {}
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    await admin.start()
+    try:
+        found: Any = await admin.list_consumer_group_offsets(group_id, partitions=wanted)
+    finally:
+        await admin.close()
+    return {
+        TP(tp.topic, tp.partition): (meta.offset, meta.metadata or "")
+        for tp, meta in found.items()
+        if meta is not None and meta.offset >= 0
+    }
