@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -34,6 +35,9 @@ def _fail_on_stack_errors(console: Console) -> Iterator[None]:
 @click.group("stack")
 def stack_group() -> None:
     """Run Kafka, Phoenix and MLflow locally as background processes (state in STACK_DIR)."""
+    # The Kafka health probe meets refused and dropped connections while the broker starts;
+    # aiokafka logs each one as an error, which is noise on a terminal.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 
 
 @stack_group.command("up")

@@ -7,9 +7,10 @@ real request. Every failure is a ``StackError`` whose first line says what to do
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from processor.stack.service_process import ServiceProcess
 
 _STOP_GRACE_S = 20.0
 _POLL_INTERVAL_S = 0.5
+_PORT_RELEASE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class LocalStack:
             "mlflow": MlflowService(settings, self.layout, mlflow_args, mlflow_env or {}),
         }
         self._processes = {name: ServiceProcess(name, self.layout) for name in SERVICE_NAMES}
+        self._interrupted = threading.Event()
         self._check_ports_distinct()
 
     @property
@@ -104,9 +107,11 @@ class LocalStack:
         self.up((service,))
 
     def stop(self, service: str) -> None:
+        """Stop one service; its data stays for the next start."""
         self.down((service,))
 
     def status(self) -> dict[str, ServiceStatus]:
+        """Every service's state, by name; asks each running service one health question."""
         statuses: dict[str, ServiceStatus] = {}
         for name in SERVICE_NAMES:
             service, process = self._services[name], self._processes[name]
@@ -130,8 +135,19 @@ class LocalStack:
     ) -> None:
         if not names:
             return
-        with ThreadPoolExecutor(max_workers=len(names), thread_name_prefix="stack") as pool:
+        self._interrupted.clear()
+        pool = ThreadPoolExecutor(max_workers=len(names), thread_name_prefix="stack")
+        try:
             futures: list[Future[None]] = [pool.submit(action, name) for name in names]
+            wait(futures)
+        except BaseException:
+            # Ctrl-C lands in this thread; the workers see the flag at their next poll, so
+            # the process can exit instead of waiting out their timeouts. Services keep
+            # starting in the background; `down` stops them.
+            self._interrupted.set()
+            raise
+        finally:
+            pool.shutdown(wait=True)
         failures: list[StackError] = []
         for future in futures:
             error = future.exception()
@@ -148,11 +164,10 @@ class LocalStack:
         pid = process.running_pid()
         if pid is not None:
             self._check_same_ports(service, process, pid)
-            if not service.is_healthy():
-                say(f"running (pid {pid}) but not answering yet; waiting")
-                self._wait_until_healthy(service, process, pid, started_by_us=False)
-            say(f"already running (pid {pid}) at {service.address}")
-            return
+            if service.is_healthy() or self._wait_for_running_service(service, process, pid):
+                say(f"already running (pid {pid}) at {service.address}")
+                return
+            # It exited while we waited (it was dying when we looked): start it afresh.
         if process.clean_up_after_crash(grace_s=_STOP_GRACE_S):
             say("its previous run died; removed the stale pid file and leftover processes")
         # Checked before and after prepare: a fetch can take a minute, and an early "port
@@ -163,7 +178,7 @@ class LocalStack:
         started = time.monotonic()
         pid = process.spawn(launch, ports=list(service.ports.values()))
         say(f"starting (pid {pid}), log {process.log_path}")
-        self._wait_until_healthy(service, process, pid, started_by_us=True)
+        self._wait_until_healthy(service, process)
         say(f"up at {service.address} in {time.monotonic() - started:.1f} s")
 
     def _bring_down(self, name: ServiceName) -> None:
@@ -171,51 +186,69 @@ class LocalStack:
         pid = self._processes[name].stop(grace_s=_STOP_GRACE_S)
         say(f"stopped (pid {pid})" if pid is not None else "not running")
 
-    def _wait_until_healthy(
-        self, service: StackService, process: ServiceProcess, pid: int, *, started_by_us: bool
-    ) -> None:
+    def _wait_until_healthy(self, service: StackService, process: ServiceProcess) -> None:
+        """Wait for a service this stack just started; stop it if it never answers."""
         timeout_s = self.settings.start_timeout_s
         deadline = time.monotonic() + timeout_s
-        while True:
-            exit_code = process.exit_code() if started_by_us else None
-            if exit_code is not None or (not started_by_us and process.running_pid() != pid):
+        while not service.is_healthy():
+            exit_code = process.exit_code()
+            if exit_code is not None:
                 raise self._died_error(service.name, process, exit_code)
-            if service.is_healthy():
-                return
             if time.monotonic() >= deadline:
-                break
-            time.sleep(_POLL_INTERVAL_S)
-        if not started_by_us:
-            raise StackError(
-                f"{service.name} (pid {pid}) is running but has not answered for "
-                f"{timeout_s:.0f} s; see {process.log_path}; run "
-                f"`trace-processor stack down {service.name}` and retry"
-            )
-        process.stop(grace_s=_STOP_GRACE_S)
-        raise StackError(
-            f"{service.name} did not answer within {timeout_s:.0f} s and was stopped; see "
-            f"{process.log_path}; on a slow machine raise STACK_START_TIMEOUT_S"
-        )
+                process.stop(grace_s=_STOP_GRACE_S)
+                raise StackError(
+                    f"{service.name} did not answer within {timeout_s:.0f} s and was stopped; "
+                    f"see {process.log_path}; on a slow machine raise STACK_START_TIMEOUT_S"
+                )
+            self._pause(service.name)
+
+    def _wait_for_running_service(
+        self, service: StackService, process: ServiceProcess, pid: int
+    ) -> bool:
+        """Wait for a service found running (still starting, or dying): True once it answers,
+        False when it exits first."""
+        self._sayer(service.name)(f"running (pid {pid}) but not answering yet; waiting")
+        timeout_s = self.settings.start_timeout_s
+        deadline = time.monotonic() + timeout_s
+        while not service.is_healthy():
+            if process.running_pid() != pid:
+                return False
+            if time.monotonic() >= deadline:
+                raise StackError(
+                    f"{service.name} (pid {pid}) is running but has not answered for "
+                    f"{timeout_s:.0f} s; see {process.log_path}; run "
+                    f"`trace-processor stack down {service.name}` and retry"
+                )
+            self._pause(service.name)
+        return True
+
+    def _pause(self, name: ServiceName) -> None:
+        if self._interrupted.wait(_POLL_INTERVAL_S):
+            raise StackError(f"{name}: interrupted while waiting for it to answer")
 
     @staticmethod
-    def _died_error(
-        name: ServiceName, process: ServiceProcess, exit_code: int | None
-    ) -> StackError:
+    def _died_error(name: ServiceName, process: ServiceProcess, exit_code: int) -> StackError:
         process.stop(grace_s=_STOP_GRACE_S)  # its workers may outlive it; also drops the pid file
-        how = f" with code {exit_code}" if exit_code is not None else ""
         tail = "".join(f"\n  | {line}" for line in process.log_tail())
-        return StackError(f"{name} exited{how} while starting; see {process.log_path}{tail}")
+        return StackError(
+            f"{name} exited with code {exit_code} while starting; see {process.log_path}{tail}"
+        )
 
     def _check_ports_free(self, service: StackService) -> None:
         for setting, port in service.ports.items():
-            if port_is_free(port):
-                continue
-            holder = port_listener(port)
-            by_whom = f" by {holder}" if holder is not None else ""
-            raise StackError(
-                f"port {port} for {service.name} is already in use{by_whom}; stop that process "
-                f"or choose another port with STACK_{setting.upper()}"
-            )
+            deadline = time.monotonic() + _PORT_RELEASE_S
+            while not port_is_free(port):
+                holder = port_listener(port)
+                if holder is None and time.monotonic() < deadline:
+                    # Bound, but no one listens: the sockets of a process that has just exited
+                    # (a service we stopped or found dead), which the kernel frees in moments.
+                    time.sleep(0.1)
+                    continue
+                by_whom = f" by {holder}" if holder is not None else ""
+                raise StackError(
+                    f"port {port} for {service.name} is already in use{by_whom}; stop that process "
+                    f"or choose another port with STACK_{setting.upper()}"
+                )
 
     @staticmethod
     def _check_same_ports(service: StackService, process: ServiceProcess, pid: int) -> None:

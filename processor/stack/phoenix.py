@@ -27,7 +27,11 @@ _FOREIGN_DATABASE_ENV = (
 
 
 class PhoenixService:
-    """`phoenix serve` on 127.0.0.1; ``extra_env`` (auth, queue size, ...) overrides defaults."""
+    """`phoenix serve` on 127.0.0.1; ``extra_env`` (auth, queue size, ...) overrides defaults.
+
+    The OTLP gRPC port listens on every interface whatever PHOENIX_HOST says: Phoenix binds
+    it to ``[::]`` unconditionally.
+    """
 
     def __init__(
         self, settings: StackSettings, layout: StackLayout, extra_env: Mapping[str, str]

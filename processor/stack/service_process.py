@@ -133,6 +133,9 @@ class ServiceProcess:
                     f"{self.name} (process group {pid}) survived SIGKILL; "
                     f"check `ps -g {pid}` and stop it by hand"
                 )
+            if self._child is not None and self._child.pid == pid:
+                # The group is gone, so the leader has exited: collect it, leave no zombie.
+                self._child.wait(timeout=5)
             stopped = pid
         self.pid_path.unlink(missing_ok=True)
         return stopped

@@ -73,7 +73,9 @@ def test_service_names_keep_the_stack_order(given: list[str], expected: tuple[st
 
 
 def test_unknown_service_name_is_refused_with_the_choices() -> None:
-    with pytest.raises(StackError, match="unknown service redis; choose from kafka, phoenix, mlflow"):
+    with pytest.raises(
+        StackError, match="unknown service redis; choose from kafka, phoenix, mlflow"
+    ):
         parse_service_names(["kafka", "redis"])
 
 
