@@ -110,7 +110,9 @@ class WindowAggregate:
             ):
                 value = self.latency.quantile(q)
                 if value is not None:
-                    values[name] = round(value, 3)
+                    # Not rounded: any fixed rounding adds to the sketch's 1% relative error,
+                    # and a number of decimals breaks it outright below a millisecond.
+                    values[name] = value
             values["latency_max_ms"] = self.latency_max_ns / NANOS_PER_MILLI
         return values
 

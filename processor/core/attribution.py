@@ -1,13 +1,20 @@
 """Agent attribution over a bounded buffer of traces.
 
-A span's agent is its own agent attribute, else its nearest ancestor's, else the resource's
-``service.name``, else ``unknown``. A span is an *invocation* of its agent when its parent is
-absent or belongs to another agent: the top of a stretch of the trace that the agent ran.
+A span's agent is its own agent attribute (``agent.name``, ``gen_ai.agent.name``; decided by
+the decoder), else the nearest ancestor's agent attribute, else its own resource's
+``service.name``, else ``unknown``. Only agent *attributes* flow down a trace: a span that
+takes its agent from ``service.name`` does not hand its service's name to its children, so a
+child span in another service falls back to that service's name. A span is an *invocation* of
+its agent when its parent is absent or attributed to another agent: the top of a stretch of
+the trace that the agent ran.
 
 Children usually end, and so arrive, before their parents. A span whose parent has not been
-seen yet waits in the buffer until the parent arrives, or until the watermark passes its end
-plus ``attribution_wait_ms`` (then it is resolved as if it had no parent), or until its trace
-is evicted to respect the bounds. Every early resolution is counted.
+seen yet waits in the buffer until the parent arrives (then the whole waiting subtree is
+resolved top down), or until the watermark passes its end plus ``attribution_wait_ms``, or until
+its trace is evicted to respect the bounds. In the last two cases the topmost waiting ancestor
+of the span is resolved as if it had no parent and its waiting subtree with it, so a span is
+never cut off from a parent that is in the buffer. Every span that is added comes out exactly
+once; every early resolution is counted.
 """
 
 from __future__ import annotations
@@ -28,10 +35,18 @@ class AttributedSpan:
     offset: int
 
 
+# (attributed agent, agent attribute that flows to the children or None)
+_Resolved = tuple[str, str | None]
+
+
 @dataclass(slots=True)
 class _Trace:
-    agents: dict[bytes, str] = field(default_factory=dict)  # span id -> agent, resolved spans
-    pending: dict[bytes, list[tuple[SpanRecord, int]]] = field(default_factory=dict)
+    resolved: dict[bytes, _Resolved] = field(default_factory=dict)  # span id -> its agent
+    # Spans waiting for their parent, by a sequence number unique in the assembler; a dict
+    # per key is an ordered set with O(1) removal.
+    waiting: dict[int, tuple[SpanRecord, int]] = field(default_factory=dict)
+    by_parent: dict[bytes, dict[int, None]] = field(default_factory=dict)
+    by_span: dict[bytes, dict[int, None]] = field(default_factory=dict)
     last_end_ms: int = 0
 
 
@@ -39,90 +54,145 @@ class _Trace:
 class AssemblerStats:
     traces: int = 0
     pending_spans: int = 0
-    resolved_without_parent: int = 0  # parent never came within the wait
-    evicted_traces: int = 0  # pushed out early by the trace limit
+    resolved_without_parent: int = 0  # the parent did not come within the wait, or was evicted
+    evicted_traces: int = 0  # pushed out early by the trace or span limit
 
 
 class TraceAssembler:
+    """Attributes spans to agents, holding a span back only while its parent may still come.
+
+    ``max_traces`` and ``max_spans`` bound the buffer (spans held = waiting spans plus the
+    resolved spans remembered so that later children can find their parent); past either, the
+    least recently touched trace is evicted.
+    """
+
     def __init__(
         self,
         *,
         max_traces: int = 10_000,
         attribution_wait_ms: int = 5_000,
         trace_ttl_ms: int = 120_000,
+        max_spans: int = 1_000_000,
     ) -> None:
         if max_traces < 1:
             raise ValueError("max_traces must be at least 1")
+        if max_spans < 1:
+            raise ValueError("max_spans must be at least 1")
         if attribution_wait_ms < 0 or trace_ttl_ms < 0:
             raise ValueError("attribution_wait_ms and trace_ttl_ms must not be negative")
         self._max_traces = max_traces
+        self._max_spans = max_spans
         self._wait_ms = attribution_wait_ms
         self._ttl_ms = trace_ttl_ms
         self._traces: OrderedDict[bytes, _Trace] = OrderedDict()
-        # (end ms, sequence, trace id, parent id, span id): pending spans by end time
-        self._pending_heap: list[tuple[int, int, bytes, bytes, bytes]] = []
+        # (end ms, sequence, trace id) of every waiting span; stale entries are skipped
+        self._pending_heap: list[tuple[int, int, bytes]] = []
         self._sequence = 0
+        self._spans_held = 0
         self.stats = AssemblerStats()
 
     def add(self, span: SpanRecord, offset: int) -> list[AttributedSpan]:
         """Take one span; return every span whose attribution is now known."""
-        traces = self._traces
-        trace = traces.get(span.trace_id)
-        if trace is None:
-            trace = traces[span.trace_id] = _Trace()
-            if len(traces) > self._max_traces:
-                out: list[AttributedSpan] = []
-                self._evict_oldest(out)
-                resolved = self._add_to(trace, span, offset)
-                return out + resolved
-        else:
-            traces.move_to_end(span.trace_id)
-        return self._add_to(trace, span, offset)
-
-    def _add_to(self, trace: _Trace, span: SpanRecord, offset: int) -> list[AttributedSpan]:
-        if span.end_ms > trace.last_end_ms:
-            trace.last_end_ms = span.end_ms
-        parent = span.parent_span_id
         out: list[AttributedSpan] = []
+        traces = self._traces
+        trace_id = span.trace_id
+        trace = traces.get(trace_id)
+        if trace is None:
+            while len(traces) >= self._max_traces:
+                self._evict_oldest(out)
+        else:
+            traces.move_to_end(trace_id)
+        while self._spans_held >= self._max_spans and traces:
+            self._evict_oldest(out)  # the span's own trace goes last: it was touched last
+        trace = traces.get(trace_id)
+        if trace is None:
+            trace = traces[trace_id] = _Trace()
+            self.stats.traces = len(traces)
+        self._add_to(trace, span, offset, out)
+        return out
+
+    def _add_to(
+        self, trace: _Trace, span: SpanRecord, offset: int, out: list[AttributedSpan]
+    ) -> None:
+        end_ms = span.end_ms
+        if end_ms > trace.last_end_ms:
+            trace.last_end_ms = end_ms
+        parent = span.parent_span_id
         if not parent:
             self._resolve(trace, span, offset, None, out)
-            return out
-        parent_agent = trace.agents.get(parent)
-        if parent_agent is not None:
-            self._resolve(trace, span, offset, parent_agent, out)
-            return out
-        trace.pending.setdefault(parent, []).append((span, offset))
-        self.stats.pending_spans += 1
+            return
+        parent_resolved = trace.resolved.get(parent)
+        if parent_resolved is not None:
+            self._resolve(trace, span, offset, parent_resolved, out)
+            return
         self._sequence += 1
-        heapq.heappush(
-            self._pending_heap,
-            (span.end_ms, self._sequence, span.trace_id, parent, span.span_id),
-        )
-        return out
+        sequence = self._sequence
+        trace.waiting[sequence] = (span, offset)
+        trace.by_parent.setdefault(parent, {})[sequence] = None
+        trace.by_span.setdefault(span.span_id, {})[sequence] = None
+        self._spans_held += 1
+        self.stats.pending_spans += 1
+        heapq.heappush(self._pending_heap, (end_ms, sequence, span.trace_id))
+
+    def _take(self, trace: _Trace, sequence: int) -> tuple[SpanRecord, int]:
+        """Remove one waiting span from the buffer's indexes."""
+        span, offset = trace.waiting.pop(sequence)
+        siblings = trace.by_parent.get(span.parent_span_id)
+        if siblings is not None:
+            del siblings[sequence]
+            if not siblings:
+                del trace.by_parent[span.parent_span_id]
+        same_id = trace.by_span[span.span_id]
+        del same_id[sequence]
+        if not same_id:
+            del trace.by_span[span.span_id]
+        self._spans_held -= 1
+        self.stats.pending_spans -= 1
+        return span, offset
 
     def _resolve(
         self,
         trace: _Trace,
         span: SpanRecord,
         offset: int,
-        parent_agent: str | None,
+        parent: _Resolved | None,
         out: list[AttributedSpan],
     ) -> None:
         # Iterative, not recursive: a deep chain of waiting descendants must not blow the stack.
-        stack = [(span, offset, parent_agent)]
+        stack = [(span, offset, parent)]
         while stack:
-            current, current_offset, inherited = stack.pop()
-            agent = current.own_agent or inherited or current.service_name or UNKNOWN_AGENT
-            trace.agents[current.span_id] = agent
-            out.append(
-                AttributedSpan(
-                    current, agent, inherited is None or inherited != agent, current_offset
-                )
-            )
-            waiting = trace.pending.pop(current.span_id, None)
-            if waiting:
-                self.stats.pending_spans -= len(waiting)
-                stack.extend((child, child_offset, agent) for child, child_offset in waiting)
+            current, current_offset, current_parent = stack.pop()
+            parent_agent, inherited = current_parent or (None, None)
+            lineage = current.own_agent or inherited
+            agent = lineage or current.service_name or UNKNOWN_AGENT
+            resolved = (agent, lineage)
+            if current.span_id not in trace.resolved:
+                self._spans_held += 1
+            trace.resolved[current.span_id] = resolved
+            out.append(AttributedSpan(current, agent, parent_agent != agent, current_offset))
+            children = trace.by_parent.pop(current.span_id, None)
+            if children:
+                for sequence in children:
+                    child, child_offset = self._take(trace, sequence)
+                    stack.append((child, child_offset, resolved))
+
+    def _resolve_as_orphan(self, trace: _Trace, sequence: int, out: list[AttributedSpan]) -> None:
+        """Give up waiting for the topmost waiting ancestor of a span; resolve its subtree."""
+        top = sequence
+        seen = {sequence}
+        while True:
+            parent_id = trace.waiting[top][0].parent_span_id
+            ancestors = trace.by_span.get(parent_id)
+            if not ancestors:
+                break
+            above = next(iter(ancestors))
+            if above in seen:
+                break  # a cycle of parent ids (bad input): cut it here
+            seen.add(above)
+            top = above
+        span, offset = self._take(trace, top)
+        self.stats.resolved_without_parent += 1
+        self._resolve(trace, span, offset, None, out)
 
     def expire(self, watermark_ms: int) -> list[AttributedSpan]:
         """Resolve spans that waited too long for a parent; forget traces past their TTL."""
@@ -130,10 +200,10 @@ class TraceAssembler:
         heap = self._pending_heap
         limit = watermark_ms - self._wait_ms
         while heap and heap[0][0] <= limit:
-            _, _, trace_id, parent, span_id = heapq.heappop(heap)
+            _, sequence, trace_id = heapq.heappop(heap)
             trace = self._traces.get(trace_id)
-            if trace is not None:
-                self._resolve_orphan(trace, parent, span_id, out)
+            if trace is not None and sequence in trace.waiting:
+                self._resolve_as_orphan(trace, sequence, out)
         ttl_limit = watermark_ms - self._ttl_ms
         traces = self._traces
         while traces:
@@ -143,22 +213,6 @@ class TraceAssembler:
             self._drop(trace_id, out)
         return out
 
-    def _resolve_orphan(
-        self, trace: _Trace, parent: bytes, span_id: bytes, out: list[AttributedSpan]
-    ) -> None:
-        waiting = trace.pending.get(parent)
-        if not waiting:
-            return  # already resolved when its parent arrived
-        for index, (span, offset) in enumerate(waiting):
-            if span.span_id == span_id:
-                del waiting[index]
-                if not waiting:
-                    del trace.pending[parent]
-                self.stats.pending_spans -= 1
-                self.stats.resolved_without_parent += 1
-                self._resolve(trace, span, offset, None, out)
-                return
-
     def _evict_oldest(self, out: list[AttributedSpan]) -> None:
         trace_id = next(iter(self._traces))
         self.stats.evicted_traces += 1
@@ -167,23 +221,18 @@ class TraceAssembler:
     def _drop(self, trace_id: bytes, out: list[AttributedSpan]) -> None:
         trace = self._traces.pop(trace_id)
         # Whatever still waits is decided now, as if its parent were absent, and counted.
-        for waiting in list(trace.pending.values()):
-            for span, offset in waiting:
-                if span.span_id in trace.agents:
-                    continue
-                self.stats.pending_spans -= 1
-                self.stats.resolved_without_parent += 1
-                self._resolve(trace, span, offset, None, out)
-        trace.pending.clear()
+        while trace.waiting:
+            self._resolve_as_orphan(trace, next(iter(trace.waiting)), out)
+        self._spans_held -= len(trace.resolved)
+        self.stats.traces = len(self._traces)
 
     def earliest_pending_end_ms(self) -> int | None:
         """End time of the oldest span still waiting for its parent, if any."""
         heap = self._pending_heap
         while heap:
-            _, _, trace_id, parent, span_id = heap[0]
+            _, sequence, trace_id = heap[0]
             trace = self._traces.get(trace_id)
-            waiting = trace.pending.get(parent) if trace is not None else None
-            if waiting and any(span.span_id == span_id for span, _ in waiting):
+            if trace is not None and sequence in trace.waiting:
                 return heap[0][0]
             heapq.heappop(heap)  # resolved meanwhile: drop the stale entry
         return None
@@ -191,13 +240,15 @@ class TraceAssembler:
     def min_pending_offset(self) -> int | None:
         """The smallest source offset of a span still waiting, for safe offset commits."""
         offsets = [
-            offset
-            for trace in self._traces.values()
-            for waiting in trace.pending.values()
-            for _, offset in waiting
+            offset for trace in self._traces.values() for _, offset in trace.waiting.values()
         ]
         return min(offsets) if offsets else None
 
     @property
     def trace_count(self) -> int:
         return len(self._traces)
+
+    @property
+    def spans_held(self) -> int:
+        """Spans in the buffer: waiting ones and resolved ones kept for their children."""
+        return self._spans_held

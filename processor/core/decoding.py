@@ -41,7 +41,7 @@ MAX_MESSAGE_BYTES = 64 << 20
 # Per span. Far above any real model call, far below what would overflow the unsigned 64-bit
 # sums of a window (the partial's JSON encoding cannot hold more).
 MAX_TOKENS_PER_SPAN = 1 << 40
-MAX_COST_NANOS_PER_SPAN = 1_000_000 * COST_NANOS_PER_USD  # one million USD
+MAX_COST_USD_PER_SPAN = 1_000_000.0
 _MAX_DIGITS = 20
 
 _ZERO_TRACE_ID = bytes(16)
@@ -119,9 +119,13 @@ def _readable_parse_error(exc: Exception) -> str:
     while match := _PARSE_STEP.match(text, position):
         path.append(match.group(1))
         position = match.end()
-    cause = text[position:].rstrip(".") or type(exc).__name__
-    detail = f"{'.'.join(path)}: {cause}" if path else cause
-    return detail if len(detail) <= 300 else detail[:297] + "..."
+    cause = text[position:].rstrip(".")[:200] or type(exc).__name__
+    if not path:
+        return cause
+    where = ".".join(path)
+    if len(where) > 120:  # a deeply nested value: the innermost fields say the most
+        where = "..." + where[-117:]
+    return f"{where}: {cause}"
 
 
 def _hex_ids_to_base64(document: dict[str, Any]) -> None:
@@ -183,40 +187,36 @@ def extract_spans(
                 project=project,
             )
             for span in scope_spans.spans:
-                problem = _problem_of(span, config, check_sizes)
-                if problem is None:
-                    record = _record_of(span, origin, config, resource_dimensions)
-                    if isinstance(record, SpanRecord):
-                        spans.append(record)
-                        continue
-                    problem = record
-                rejected.append(RejectedSpan(problem[0], problem[1], span, origin))
+                outcome = _record_of(span, origin, config, resource_dimensions, check_sizes)
+                if isinstance(outcome, SpanRecord):
+                    spans.append(outcome)
+                else:
+                    reason, detail = outcome
+                    rejected.append(RejectedSpan(reason, detail, span, origin))
     return DecodedMessage(spans=spans, rejected=rejected)
 
 
 def _problem_of(
-    span: Span, config: semconv.ExtractionConfig, check_sizes: bool
+    trace_id: bytes, span_id: bytes, parent_span_id: bytes, start_ns: int, end_ns: int
 ) -> tuple[str, str] | None:
-    trace_id = span.trace_id
     if len(trace_id) != 16 or trace_id == _ZERO_TRACE_ID:
         return "missing_trace_id", f"trace id {trace_id.hex()!r} is not 16 non-zero bytes"
-    span_id = span.span_id
     if len(span_id) != 8 or span_id == _ZERO_SPAN_ID:
         return "missing_span_id", f"span id {span_id.hex()!r} is not 8 non-zero bytes"
-    if len(span.parent_span_id) not in (0, 8):
-        return "invalid_parent_span_id", f"parent span id {span.parent_span_id.hex()!r}"
-    if span.end_time_unix_nano < span.start_time_unix_nano:
-        return "end_before_start", (
-            f"end {span.end_time_unix_nano} < start {span.start_time_unix_nano}"
-        )
-    if check_sizes:
-        limit = config.max_attribute_value_bytes
-        for kv in span.attributes:
-            value = kv.value
-            # ByteSize() is an upper bound of the payload (it adds a tag and a length), so the
-            # exact measure is only needed for the rare value near the limit.
-            if value.ByteSize() > limit and _value_bytes(value) > limit:
-                return "attribute_too_large", f"attribute {kv.key!r} is over {limit} bytes"
+    if len(parent_span_id) not in (0, 8):
+        return "invalid_parent_span_id", f"parent span id {parent_span_id.hex()!r}"
+    if end_ns < start_ns:
+        return "end_before_start", f"end {end_ns} < start {start_ns}"
+    return None
+
+
+def _size_problem(span: Span, limit: int) -> tuple[str, str] | None:
+    for kv in span.attributes:
+        value = kv.value
+        # ByteSize() is an upper bound of the payload (it adds a tag and a length), so the
+        # exact measure is only needed for the rare value near the limit.
+        if value.ByteSize() > limit and _value_bytes(value) > limit:
+            return "attribute_too_large", f"attribute {kv.key!r} is over {limit} bytes"
     return None
 
 
@@ -234,8 +234,21 @@ def _record_of(
     origin: SpanOrigin,
     config: semconv.ExtractionConfig,
     resource_dimensions: dict[str, str],
+    check_sizes: bool,
 ) -> SpanRecord | tuple[str, str]:
-    """The span's record, or the (reason, detail) of a value no real span can have."""
+    """The span's record, or the (reason, detail) of the rule it breaks."""
+    # Each field of a upb message is read once: every read builds a new Python object.
+    trace_id = span.trace_id
+    span_id = span.span_id
+    parent_span_id = span.parent_span_id
+    start_ns = span.start_time_unix_nano
+    end_ns = span.end_time_unix_nano
+    problem = _problem_of(trace_id, span_id, parent_span_id, start_ns, end_ns)
+    if problem is None and check_sizes:
+        problem = _size_problem(span, config.max_attribute_value_bytes)
+    if problem is not None:
+        return problem
+
     # Only the AnyValue of a wanted key is touched: most attributes (input.value, output.value,
     # metadata) are skipped after one set lookup, without reading their value.
     wanted = config.wanted_keys
@@ -248,9 +261,10 @@ def _record_of(
     own_agent = None
     for name in config.agent_attributes:
         value = found.get(name)
-        if value is not None and value.string_value:
-            own_agent = value.string_value
-            break
+        if value is not None:
+            own_agent = value.string_value or None
+            if own_agent:
+                break
 
     kind = found.get(semconv.SPAN_KIND)
     operation = found.get(semconv.GEN_AI_OPERATION)
@@ -267,9 +281,10 @@ def _record_of(
                 f"token counts {prompt}/{completion}/{total} (prompt/completion/total), "
                 f"the limit is {MAX_TOKENS_PER_SPAN}"
             )
-        cost_nanos = _cost_nanos(found, prompt, completion, config)
-        if cost_nanos > MAX_COST_NANOS_PER_SPAN:
-            return "absurd_value", f"cost {cost_nanos / COST_NANOS_PER_USD:.6g} USD for one span"
+        cost_usd = _cost_usd(found, prompt, completion, config)
+        if not cost_usd <= MAX_COST_USD_PER_SPAN:  # also catches an overflow to infinity
+            return "absurd_value", f"cost {cost_usd:.6g} USD for one span"
+        cost_nanos = round(cost_usd * COST_NANOS_PER_USD)
 
     dimensions: tuple[str, ...] = ()
     if config.dimension_attributes:
@@ -278,11 +293,11 @@ def _record_of(
             for name in config.dimension_attributes
         )
     return SpanRecord(
-        trace_id=span.trace_id,
-        span_id=span.span_id,
-        parent_span_id=span.parent_span_id,
-        start_ns=span.start_time_unix_nano,
-        end_ns=span.end_time_unix_nano,
+        trace_id=trace_id,
+        span_id=span_id,
+        parent_span_id=parent_span_id,
+        start_ns=start_ns,
+        end_ns=end_ns,
         is_error=span.status.code == _STATUS_ERROR,
         own_agent=own_agent,
         is_llm=is_llm,
@@ -322,12 +337,12 @@ def _int_of(value: AnyValue | None) -> int:
     return 0
 
 
-def _cost_nanos(
+def _cost_usd(
     found: dict[str, AnyValue], prompt: int, completion: int, config: semconv.ExtractionConfig
-) -> int:
+) -> float:
     cost = _usd_of(found.get(semconv.COST_TOTAL))
     if cost is not None:
-        return round(cost * COST_NANOS_PER_USD)
+        return cost
     model = ""
     for name in (semconv.MODEL_NAME, semconv.GEN_AI_RESPONSE_MODEL, semconv.GEN_AI_REQUEST_MODEL):
         value = found.get(name)
@@ -336,9 +351,8 @@ def _cost_nanos(
             break
     price = config.prices.get(model) if model else None
     if price is None:
-        return 0
-    usd = (prompt * price.prompt_per_million + completion * price.completion_per_million) / 1e6
-    return round(usd * COST_NANOS_PER_USD)
+        return 0.0
+    return (prompt * price.prompt_per_million + completion * price.completion_per_million) / 1e6
 
 
 def _usd_of(value: AnyValue | None) -> float | None:

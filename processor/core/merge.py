@@ -36,6 +36,8 @@ class RollupMerger:
         self._pending: dict[tuple[SeriesKey, int], _PendingWindow] = {}
         self._closed_until: dict[int, int] = {}
         self.finalized_until_ms: int | None = None
+        # windows written incomplete (max wait), kept until every partition has passed them
+        self._incomplete: dict[tuple[SeriesKey, int], _PendingWindow] = {}
         self.ignored_replays = 0
 
     @property
@@ -50,6 +52,12 @@ class RollupMerger:
             return False
         key = (partial.series, partial.window_start_ms)
         pending = self._pending.get(key)
+        if pending is None and key in self._incomplete:
+            # A straggler for a window written incomplete: merge again with what was written,
+            # so the correction carries every partition's spans, never just the straggler's.
+            pending = self._pending[key] = self._incomplete.pop(key)
+            pending.first_seen_ms = now_ms
+            pending.min_offset = offset  # the earlier partials' offsets may be committed
         if pending is None:
             pending = self._pending[key] = _PendingWindow(partial.window_size_ms, now_ms, offset)
         elif offset < pending.min_offset:
@@ -82,6 +90,10 @@ class RollupMerger:
         ):
             # Every window ending by ``closed`` is final below (or had no partial at all).
             self.finalized_until_ms = closed
+            for key in [
+                k for k in self._incomplete if k[1] + self._incomplete[k].window_size_ms <= closed
+            ]:
+                del self._incomplete[key]
         finals: list[FinalRollup] = []
         for key in sorted(self._pending, key=lambda k: (k[1], k[0].agent, k[0].dimensions)):
             series, start = key
@@ -91,6 +103,8 @@ class RollupMerger:
             if not complete and now_ms - pending.first_seen_ms < self._max_wait_ms:
                 continue
             del self._pending[key]
+            if not complete:
+                self._incomplete[key] = pending
             merged = WindowAggregate()
             for source in sorted(pending.partials):
                 merged.merge(pending.partials[source].aggregate)

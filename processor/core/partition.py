@@ -96,6 +96,7 @@ class PartitionAggregator:
         idle_timeout_ms: int,
         max_series_per_window: int = 1_000,
         assembler: TraceAssembler | None = None,
+        trace_ttl_ms: int | None = None,
     ) -> None:
         if window_size_ms < 1:
             raise ValueError("window_size_ms must be positive")
@@ -115,9 +116,10 @@ class PartitionAggregator:
         # trace id -> (offset where this partition first saw it, its latest end ms)
         self._trace_first_offset: dict[bytes, tuple[int, int]] = {}
         self._attribution_wait_ms = allowed_lateness_ms
-        self._trace_ttl_ms = 2 * window_size_ms
+        self._trace_ttl_ms = 2 * window_size_ms if trace_ttl_ms is None else trace_ttl_ms
         # (offset, max event, watermark, closed until) before each message not yet committed
         self._before: deque[tuple[int, int | None, int | None, int | None]] = deque()
+        self._last_checkpoint: Checkpoint | None = None
         self.stats = PartitionStats()
 
     def restore(self, checkpoint: Checkpoint) -> None:
@@ -126,6 +128,7 @@ class PartitionAggregator:
         self.watermark.value_ms = checkpoint.watermark_ms
         self.closed_until_ms = checkpoint.closed_until_ms
         self._sent_until_ms = checkpoint.sent_until_ms
+        self._last_checkpoint = checkpoint
 
     def add(self, offset: int, spans: Iterable[SpanRecord], now_ms: int) -> None:
         watermark = self.watermark
@@ -259,6 +262,11 @@ class PartitionAggregator:
         for candidate in (self.min_open_offset(), limit):
             if candidate is not None and candidate < safe:
                 safe = candidate
+        last = self._last_checkpoint
+        if last is not None and safe <= last.offset:
+            # Never move back: that offset may be committed already. (A trace first seen
+            # before it that keeps sending spans is treated by a replay as a new trace.)
+            return last
         before = self._before
         while before and before[0][0] < safe:
             before.popleft()
@@ -274,7 +282,8 @@ class PartitionAggregator:
         sent = self.closed_until_ms
         if self._sent_until_ms is not None and (sent is None or self._sent_until_ms > sent):
             sent = self._sent_until_ms
-        return Checkpoint(safe, max_event, watermark_ms, closed, sent)
+        self._last_checkpoint = Checkpoint(safe, max_event, watermark_ms, closed, sent)
+        return self._last_checkpoint
 
     @property
     def open_windows(self) -> list[int]:

@@ -41,6 +41,9 @@ class CommitLedger:
         """Ack every held event below ``safe_offset``; remember ``metadata`` for that offset."""
         if len(metadata.encode()) > MAX_METADATA_BYTES:
             raise ValueError(f"commit metadata over {MAX_METADATA_BYTES} bytes: {metadata[:80]}")
+        previous = self._metadata.get(tp)
+        if previous is not None and previous[0] > safe_offset:
+            return 0  # never move back: the later offset may be committed already
         self._metadata[tp] = (safe_offset, metadata)
         held = self._held.get(tp)
         released = 0
@@ -58,6 +61,7 @@ class CommitLedger:
         # The next owner re-reads these messages from the committed offset.
         for tp in tps:
             self._held.pop(tp, None)
+            self._metadata.pop(tp, None)
 
     def held_count(self, tp: TP) -> int:
         held = self._held.get(tp)
