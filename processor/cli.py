@@ -8,10 +8,12 @@ import sys
 import click
 from rich.console import Console
 
+from processor.config_command import config_command
 from processor.demo import demo_command
 from processor.errors import ProcessorError
 from processor.loadgen.cli import loadgen_command
 from processor.stack.cli import stack_group
+from processor.status import status_command
 
 console = Console(stderr=True)
 
@@ -59,6 +61,8 @@ def topics_create() -> None:
 main.add_command(stack_group, "stack")
 main.add_command(loadgen_command, "loadgen")
 main.add_command(demo_command, "demo")
+main.add_command(status_command, "status")
+main.add_command(config_command, "config")
 
 
 if __name__ == "__main__":

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from processor.core.sampling import SamplingPolicy
 from processor.errors import ConfigurationError
 
 
@@ -121,9 +123,85 @@ class WorkerSettings(BaseSettings):
         default=6066, ge=0, le=65535, description="Port of the worker's faust web server."
     )
     log_level: str = Field(default="info", description="Worker log level.")
+    progress_log_interval_s: float = Field(
+        default=10.0, gt=0, description="How often a worker logs its progress counters."
+    )
     data_dir: Path = Field(
         default=Path(tempfile.gettempdir()) / "agent-trace-processor",
         description="Scratch folder for faust's local state (nothing here must survive).",
+    )
+    phoenix_max_in_flight: int = Field(
+        default=4,
+        ge=1,
+        description="Requests to Phoenix out at once; beyond that consumption waits.",
+    )
+    phoenix_timeout_s: float = Field(
+        default=30.0, gt=0, description="Timeout of one request to Phoenix (then it is retried)."
+    )
+    phoenix_retry_initial_ms: int = Field(
+        default=250, ge=1, description="First backoff after a failed Phoenix request."
+    )
+    phoenix_retry_max_ms: int = Field(
+        default=10_000,
+        ge=1,
+        description="Longest backoff between retries of a Phoenix request (retried forever).",
+    )
+    phoenix_drain_timeout_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="At shutdown, how long to wait for Phoenix to accept the spans still held.",
+    )
+    phoenix_confirm_stored: bool = Field(
+        default=True,
+        description=(
+            "Count a batch as delivered only once Phoenix has written it (asked through its "
+            "GraphQL API), not when it answers 2xx: Phoenix drops its in-memory queue when it "
+            "stops."
+        ),
+    )
+    phoenix_confirm_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description=(
+            "When Phoenix answers but writes none of the batches waited for during this long, "
+            "they are sent again."
+        ),
+    )
+    phoenix_public_url: str | None = Field(
+        default=None,
+        description=(
+            "Phoenix UI base URL for the trace links in MLflow, as a browser reaches it; "
+            "None: PHOENIX_COLLECTOR_ENDPOINT."
+        ),
+    )
+    worker_id: str | None = Field(
+        default=None,
+        description="This worker's name in logs, metrics and `status`; None: <hostname>-<pid>.",
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="Log lines as plain text, or as one JSON object per line."
+    )
+    metrics_host: str = Field(
+        default="0.0.0.0",
+        description="Address of the worker's HTTP server: /metrics, /healthz, /readyz, /status.",
+    )
+    metrics_port: int = Field(
+        default=9464,
+        ge=0,
+        le=65535,
+        description=(
+            "First port tried for the worker's HTTP server; when taken, the next free one up "
+            "to 99 above; 0: any free port. The port in use is noted in the registry."
+        ),
+    )
+    registry_dir: Path = Field(
+        default=Path(tempfile.gettempdir()) / "agent-trace-processor" / "workers",
+        description="Where each worker on this machine notes its HTTP address, for `status`.",
+    )
+    health_check_interval_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="How often readiness checks that Phoenix and MLflow answer.",
     )
 
     @field_validator("phoenix_api_key", mode="before")
@@ -131,6 +209,63 @@ class WorkerSettings(BaseSettings):
     def _empty_key_is_none(cls, value: object) -> object:
         # Compose files pass PHOENIX_API_KEY=${PHOENIX_API_KEY:-}: empty means "no key".
         return None if value == "" else value
+
+    sampling_probability: float = Field(
+        default=0.1,
+        ge=0.0,
+        le=1.0,
+        description="Share of traces sent to Phoenix at random (consistent by trace id).",
+    )
+    sampling_keep_errors: bool = Field(
+        default=True, description="Always send traces that have a span with status ERROR."
+    )
+    sampling_latency_threshold_ms: int | None = Field(
+        default=None, ge=0, description="Always send traces lasting at least this long."
+    )
+    sampling_attribute_matches: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description='Always send traces with a span attribute among values (JSON: {"key": ["v"]}).',
+    )
+    sampling_agent_spans_per_second: float | None = Field(
+        default=None, gt=0, description="Cap on spans per second sent to Phoenix per agent."
+    )
+    sampling_decision_grace_ms: int = Field(
+        default=2_000, ge=0, description="A trace is decided this long after its root span ends."
+    )
+    sampling_decision_max_wait_ms: int = Field(
+        default=30_000, ge=0, description="...or this long after its first span, at the latest."
+    )
+    sampling_max_buffered_spans: int = Field(
+        default=200_000, ge=1, description="Spans of undecided traces held per partition."
+    )
+
+    def sampling_policy(self) -> SamplingPolicy | None:
+        """The policy for Phoenix, or None when every span goes there (probability 1, no cap)."""
+        if (
+            self.sampling_probability >= 1.0
+            and self.sampling_agent_spans_per_second is None
+            and not self.sampling_attribute_matches
+        ):
+            return None
+        try:
+            return SamplingPolicy(
+                probability=self.sampling_probability,
+                keep_errors=self.sampling_keep_errors,
+                latency_threshold_ms=self.sampling_latency_threshold_ms,
+                attribute_matches={
+                    key: frozenset(values)
+                    for key, values in self.sampling_attribute_matches.items()
+                },
+                agent_spans_per_second=self.sampling_agent_spans_per_second,
+                decision_grace_ms=self.sampling_decision_grace_ms,
+                decision_max_wait_ms=self.sampling_decision_max_wait_ms,
+                max_buffered_spans=self.sampling_max_buffered_spans,
+                max_buffered_traces=self.max_traces,
+            )
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"invalid sampling settings (PROCESSOR_SAMPLING_*): {exc}"
+            ) from exc
 
     @field_validator("kafka_bootstrap_servers")
     @classmethod

@@ -49,23 +49,40 @@ class WindowAggregate:
         tokens_completion: int,
         tokens_total: int,
         cost_nanos: int,
+        exemplars: bool = True,
     ) -> None:
+        """Count one span. ``exemplars=False`` leaves the exemplar lists to ``note_exemplar``
+        (the caller then names only traces that Phoenix will have)."""
         self.spans += 1
         if is_error:
             self.errors += 1
-            _keep_smallest(self.failed, trace_id.hex())
         if is_invocation:
             self.invocations += 1
             self.latency.add(duration_ns / NANOS_PER_MILLI)
             if duration_ns > self.latency_max_ns:
                 self.latency_max_ns = duration_ns
-            _keep_slowest(self.slowest, (duration_ns, trace_id.hex()))
+        if exemplars:
+            self.note_exemplar(
+                trace_id=trace_id,
+                duration_ns=duration_ns,
+                is_error=is_error,
+                is_invocation=is_invocation,
+            )
         if is_llm:
             self.llm_calls += 1
             self.tokens_prompt += tokens_prompt
             self.tokens_completion += tokens_completion
             self.tokens_total += tokens_total
             self.cost_nanos += cost_nanos
+
+    def note_exemplar(
+        self, *, trace_id: bytes, duration_ns: int, is_error: bool, is_invocation: bool
+    ) -> None:
+        """Offer a span's trace as an exemplar: among the failed, or the slowest invocations."""
+        if is_error:
+            _keep_smallest(self.failed, trace_id.hex())
+        if is_invocation:
+            _keep_slowest(self.slowest, (duration_ns, trace_id.hex()))
 
     def merge(self, other: WindowAggregate) -> None:
         self.spans += other.spans

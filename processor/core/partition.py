@@ -4,7 +4,9 @@
 wall-clock time, and asks it to ``advance``; it answers with the partial rollups of the windows
 the watermark has passed and a progress mark. A window closes once the watermark has passed its
 end and no span in it still waits for its parent's attribution. A span whose window has closed
-is counted in ``late_spans`` of the window currently open, never dropped.
+is counted in ``late_spans`` of the window currently open, never dropped. Windows close, and
+sampling decisions fall, as each message is added (not when the timer runs), so a replay of
+the same messages takes them at the same places; only the idle advance follows the clock.
 
 Exactly-once effect without transactions: ``checkpoint(next_offset)`` names the offset it is
 safe to commit (every trace that fed an open window, or still waits, was first seen at or
@@ -27,6 +29,7 @@ import orjson
 from processor.core.aggregate import WindowAggregate
 from processor.core.attribution import AttributedSpan, TraceAssembler
 from processor.core.rollup import PartialRollup, PartitionProgress, SeriesKey
+from processor.core.sampling import SampledSpan, TraceSampler
 from processor.core.semconv import OVERFLOW_SERIES
 from processor.core.spans import SpanRecord
 from processor.core.windows import Watermark, window_start
@@ -97,6 +100,7 @@ class PartitionAggregator:
         max_series_per_window: int = 1_000,
         assembler: TraceAssembler | None = None,
         trace_ttl_ms: int | None = None,
+        sampler: TraceSampler | None = None,
     ) -> None:
         if window_size_ms < 1:
             raise ValueError("window_size_ms must be positive")
@@ -120,6 +124,11 @@ class PartitionAggregator:
         # (offset, max event, watermark, closed until) before each message not yet committed
         self._before: deque[tuple[int, int | None, int | None, int | None]] = deque()
         self._last_checkpoint: Checkpoint | None = None
+        # Without a sampler every span is kept (and counted as sampled).
+        self.sampler = sampler
+        self._decided: list[SampledSpan] = []
+        self._closed: list[PartialRollup] = []  # closed windows waiting for ``advance``
+        self._invocations: set[bytes] = set()  # undecided spans that are invocations
         self.stats = PartitionStats()
 
     def restore(self, checkpoint: Checkpoint) -> None:
@@ -145,6 +154,82 @@ class PartitionAggregator:
                 first_offsets[span.trace_id] = (seen[0] if seen else offset, span.end_ms)
             for attributed in assembler.add(span, offset):
                 self._aggregate(attributed)
+        # Settle what is due at this message, not at the next timer tick: decisions then
+        # fall at the same place in a replay.
+        watermark_ms = watermark.value_ms
+        if watermark_ms is not None:
+            self._settle(watermark_ms)
+
+    def _settle(self, watermark_ms: int) -> None:
+        """Resolve what waited too long, take due sampling decisions, close passed windows."""
+        for attributed in self.assembler.expire(watermark_ms):
+            self._aggregate(attributed)
+        if self.sampler is not None:
+            self._count_decisions(self.sampler.advance(watermark_ms))
+        candidate = window_start(watermark_ms, self._size)
+        waiting_end = self.assembler.earliest_pending_end_ms()
+        if waiting_end is not None:
+            candidate = min(candidate, window_start(waiting_end, self._size))
+        if self.closed_until_ms is not None and candidate <= self.closed_until_ms:
+            return
+        self.closed_until_ms = candidate
+        for start in sorted(self._windows):
+            if start + self._size > candidate:
+                break
+            window = self._windows.pop(start)
+            del self._window_min_offset[start]
+            if self._already_sent(start):
+                continue
+            for series, aggregate in sorted(
+                window.items(), key=lambda item: (item[0].agent, item[0].dimensions)
+            ):
+                self._closed.append(
+                    PartialRollup(series, start, self._size, self.partition, aggregate)
+                )
+            self.stats.windows_closed += 1
+
+    def take_decided(self) -> list[SampledSpan]:
+        """Spans whose sampling decision was taken since the last call (kept and dropped)."""
+        decided, self._decided = self._decided, []
+        return decided
+
+    def _count_decisions(self, decided: list[SampledSpan]) -> None:
+        if not decided:
+            return
+        self._decided.extend(decided)
+        for item in decided:
+            span = item.span
+            is_invocation = span.span_id in self._invocations
+            if is_invocation:
+                self._invocations.discard(span.span_id)
+            window = self._window_of_decision(span.end_ms)
+            if window is None:
+                continue
+            aggregate = self._series(
+                window, SeriesKey(item.agent, span.dimensions), item.offset, counts_span=False
+            )
+            if item.keep:
+                aggregate.sampled_spans += 1
+            else:
+                aggregate.dropped_spans += 1
+            own_window = window == span.end_ms - span.end_ms % self._size
+            if self.sampler is not None and item.keep and own_window:
+                # Exemplars are chosen among kept traces only: the link from MLflow to
+                # Phoenix never points at nothing, and nothing is kept just to be named.
+                aggregate.note_exemplar(
+                    trace_id=span.trace_id,
+                    duration_ns=span.end_ns - span.start_ns,
+                    is_error=span.is_error,
+                    is_invocation=is_invocation,
+                )
+
+    def _window_of_decision(self, end_ms: int) -> int | None:
+        """The span's window if still open, else the open head window; None if already sent."""
+        start = end_ms - end_ms % self._size
+        closed = self.closed_until_ms
+        if closed is not None and start + self._size <= closed:
+            start = window_start(max(self.watermark.max_event_ms or closed, closed), self._size)
+        return None if self._already_sent(start) else start
 
     def _aggregate(self, item: AttributedSpan) -> None:
         span = item.span
@@ -161,29 +246,39 @@ class PartitionAggregator:
             head = window_start(max(self.watermark.max_event_ms or closed, closed), self._size)
             if self._already_sent(head):
                 self.stats.replayed_spans += 1
-                return
-            self._series(head, series, replay_from).late_spans += 1
-            return
-        if self._already_sent(start):
+            else:
+                self._series(head, series, replay_from).late_spans += 1
+        elif self._already_sent(start):
             self.stats.replayed_spans += 1
-            return
-        self._series(start, series, replay_from).add(
-            trace_id=span.trace_id,
-            duration_ns=span.end_ns - span.start_ns,
-            is_error=span.is_error,
-            is_invocation=item.is_invocation,
-            is_llm=span.is_llm,
-            tokens_prompt=span.tokens_prompt,
-            tokens_completion=span.tokens_completion,
-            tokens_total=span.tokens_total,
-            cost_nanos=span.cost_nanos,
-        )
+        else:
+            self._series(start, series, replay_from).add(
+                trace_id=span.trace_id,
+                duration_ns=span.end_ns - span.start_ns,
+                is_error=span.is_error,
+                is_invocation=item.is_invocation,
+                is_llm=span.is_llm,
+                tokens_prompt=span.tokens_prompt,
+                tokens_completion=span.tokens_completion,
+                tokens_total=span.tokens_total,
+                cost_nanos=span.cost_nanos,
+                # With a sampler, exemplars are named when a trace is kept (``_count_decisions``)
+                exemplars=self.sampler is None,
+            )
+        # Sampling comes after the counts: aggregates see every span (rule 1).
+        if self.sampler is None:
+            self._count_decisions([SampledSpan(span, item.agent, item.offset, True, None)])
+        else:
+            if item.is_invocation:
+                self._invocations.add(span.span_id)
+            self._count_decisions(self.sampler.add(span, item.agent, item.offset))
 
     def _already_sent(self, start: int) -> bool:
         sent = self._sent_until_ms
         return sent is not None and start + self._size <= sent
 
-    def _series(self, start: int, series: SeriesKey, offset: int) -> WindowAggregate:
+    def _series(
+        self, start: int, series: SeriesKey, offset: int, *, counts_span: bool = True
+    ) -> WindowAggregate:
         window = self._windows.get(start)
         if window is None:
             window = self._windows[start] = {}
@@ -194,7 +289,8 @@ class PartitionAggregator:
         if aggregate is None:
             if len(window) >= self._max_series:
                 # Past the cardinality limit every new series shares one overflow series.
-                self.stats.overflow_spans += 1
+                if counts_span:
+                    self.stats.overflow_spans += 1
                 series = SeriesKey(
                     OVERFLOW_SERIES, tuple(OVERFLOW_SERIES for _ in series.dimensions)
                 )
@@ -208,31 +304,12 @@ class PartitionAggregator:
         watermark_ms = self.watermark.tick(now_ms, caught_up=caught_up)
         if watermark_ms is None:
             return AdvanceResult([], None)
-        for attributed in self.assembler.expire(watermark_ms):
-            self._aggregate(attributed)
-        candidate = window_start(watermark_ms, self._size)
-        waiting_end = self.assembler.earliest_pending_end_ms()
-        if waiting_end is not None:
-            candidate = min(candidate, window_start(waiting_end, self._size))
-        if self.closed_until_ms is not None and candidate <= self.closed_until_ms:
-            return AdvanceResult([], PartitionProgress(self.partition, self.closed_until_ms))
-        self.closed_until_ms = candidate
+        self._settle(watermark_ms)
         self._forget_old_traces(watermark_ms)
-        partials: list[PartialRollup] = []
-        for start in sorted(self._windows):
-            if start + self._size > candidate:
-                break
-            if self._already_sent(start):
-                del self._windows[start], self._window_min_offset[start]
-                continue
-            for series, aggregate in sorted(
-                self._windows.pop(start).items(),
-                key=lambda item: (item[0].agent, item[0].dimensions),
-            ):
-                partials.append(PartialRollup(series, start, self._size, self.partition, aggregate))
-            del self._window_min_offset[start]
-            self.stats.windows_closed += 1
-        return AdvanceResult(partials, PartitionProgress(self.partition, candidate))
+        partials, self._closed = self._closed, []
+        closed = self.closed_until_ms
+        progress = None if closed is None else PartitionProgress(self.partition, closed)
+        return AdvanceResult(partials, progress)
 
     def _forget_old_traces(self, watermark_ms: int) -> None:
         limit = watermark_ms - self._trace_ttl_ms
@@ -259,7 +336,8 @@ class PartitionAggregator:
         hold the commit back further (spans not yet accepted by Phoenix).
         """
         safe = next_offset
-        for candidate in (self.min_open_offset(), limit):
+        pending = self.sampler.pending_offset() if self.sampler is not None else None
+        for candidate in (self.min_open_offset(), limit, pending):
             if candidate is not None and candidate < safe:
                 safe = candidate
         last = self._last_checkpoint

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -11,25 +12,22 @@ import faust
 import mode
 import orjson
 from faust.types import TP
-from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from processor.clock import wall_clock_ms
 from processor.core.partition import Checkpoint
 from processor.core.semconv import ExtractionConfig
-from processor.core.spans import SpanOrigin
 from processor.settings import WorkerSettings
 from processor.sinks.mlflow_writer import RollupWriter
-from processor.sinks.otlp_batch import build_request
-from processor.sinks.phoenix import ExportResult, PhoenixExporter
+from processor.sinks.phoenix import ExportResult, PhoenixExporter, RetryPolicy
 from processor.worker.commits import CheckpointingTransport, CommitLedger, committed_metadata
-from processor.worker.forwarding import SpanForwarder
+from processor.worker.forwarding import ForwardedBatch, SpanForwarder
+from processor.worker.observability import install_observability
 from processor.worker.stage1 import DeadLetter, Stage1
 from processor.worker.stage2 import Stage2
 
 log = logging.getLogger(__name__)
 
 TICK_INTERVAL_S = 0.5
-FLUSH_DRAIN_TIMEOUT_S = 30.0
 
 
 def _headers_of(raw: Any) -> dict[str, bytes]:
@@ -50,6 +48,7 @@ class ProcessorApp(faust.App):
 
 def create_app(settings: WorkerSettings, *, source_partitions: int | None = None) -> faust.App:
     """Build the worker's faust app; topics must exist (see ``processor.worker.topics``)."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)  # faust creates only the last level
     app = ProcessorApp(
         settings.app_id,
         broker=[
@@ -100,24 +99,41 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
             },
         )
 
-    async def phoenix_refused(batch: list[tuple[SpanOrigin, Span]], result: ExportResult) -> None:
-        await dead_letter_topic.send(
-            value=build_request(batch).SerializeToString(),
+    async def phoenix_refused(batch: ForwardedBatch, result: ExportResult) -> None:
+        # Phoenix refused the batch for good (a 4xx other than 408/429): keep it, with why.
+        # Its offsets count as done once this returns, so wait for Kafka's acknowledgement.
+        delivery = await dead_letter_topic.send(
+            value=batch.to_request_bytes(),
             headers={
                 "reason": b"phoenix_rejected",
                 "detail": f"HTTP {result.status}: {result.detail}"[:1000].encode(),
+                "phoenix.project": batch.project.encode(),
+                "source.messages": ",".join(f"{p}:{o}" for p, o in batch.sources).encode(),
             },
         )
+        await delivery
 
+    sampling = settings.sampling_policy()
     forwarder = None
     if settings.phoenix_enabled:
         forwarder = SpanForwarder(
             PhoenixExporter(
-                traces_url=settings.phoenix_traces_url, api_key=settings.phoenix_api_key
+                traces_url=settings.phoenix_traces_url,
+                api_key=settings.phoenix_api_key,
+                timeout_s=settings.phoenix_timeout_s,
+                max_connections=settings.phoenix_max_in_flight + 2,
             ),
             default_project=settings.phoenix_project,
-            batch_spans=settings.phoenix_batch_spans,
             on_failure=phoenix_refused,
+            batch_spans=settings.phoenix_batch_spans,
+            batch_interval_s=settings.phoenix_batch_interval_ms / 1000,
+            max_in_flight=settings.phoenix_max_in_flight,
+            retry=RetryPolicy(
+                initial_s=settings.phoenix_retry_initial_ms / 1000,
+                max_s=max(settings.phoenix_retry_max_ms, settings.phoenix_retry_initial_ms) / 1000,
+            ),
+            confirm_stored=settings.phoenix_confirm_stored,
+            confirm_timeout_s=settings.phoenix_confirm_timeout_s,
         )
     stage1 = Stage1(
         window_size_ms=settings.window_size_ms,
@@ -131,29 +147,40 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
             dimension_attributes=tuple(settings.dimension_attributes),
         ),
         forwarder=forwarder,
+        sampling=sampling,
         send_partial=send_partial,
         send_dead_letter=send_dead_letter,
         clock=wall_clock_ms,
     )
+    rollup_writer = RollupWriter(
+        tracking_uri=settings.mlflow_tracking_uri,
+        experiment_name=settings.mlflow_experiment_name,
+        params={
+            "window_size_ms": str(settings.window_size_ms),
+            "allowed_lateness_ms": str(settings.allowed_lateness_ms),
+            "sampling": sampling.summary() if sampling is not None else "all spans",
+        },
+        dimension_names=settings.dimension_attributes,
+        phoenix_url=settings.phoenix_collector_endpoint,
+    )
     stage2 = Stage2(
         source_partitions=source_partitions or settings.spans_partitions,
         max_wait_ms=settings.finalize_max_wait_ms,
-        writer=RollupWriter(
-            tracking_uri=settings.mlflow_tracking_uri,
-            experiment_name=settings.mlflow_experiment_name,
-            params={
-                "window_size_ms": str(settings.window_size_ms),
-                "allowed_lateness_ms": str(settings.allowed_lateness_ms),
-                "sampling": "all spans forwarded",
-            },
-            dimension_names=settings.dimension_attributes,
-            phoenix_url=settings.phoenix_collector_endpoint,
-        ),
+        writer=rollup_writer,
         clock=wall_clock_ms,
     )
     ledger = app.commit_ledger = CommitLedger()
     app.stage1 = stage1  # type: ignore[attr-defined]
     app.stage2 = stage2  # type: ignore[attr-defined]
+    install_observability(
+        app,
+        settings,
+        stage1=stage1,
+        stage2=stage2,
+        forwarder=forwarder,
+        ledger=ledger,
+        writer=rollup_writer,
+    )
 
     @app.agent(spans_topic, name="stage1")
     async def stage1_agent(stream: Any) -> None:  # faust.Stream; its stub lacks noack()
@@ -196,8 +223,6 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
 
     @app.timer(TICK_INTERVAL_S)
     async def stage1_tick() -> None:
-        if forwarder is not None:
-            await forwarder.flush()
         for partition, checkpoint in (await stage1.tick(caught_up)).items():
             ledger.release(
                 TP(settings.spans_topic, partition), checkpoint.offset, checkpoint.encode()
@@ -211,6 +236,20 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
                 "" if finalized_until is None else f'{{"finalized_until_ms":{finalized_until}}}'
             )
             ledger.release(TP(settings.partials_topic, partition), offset, metadata)
+
+    @app.timer(settings.progress_log_interval_s)
+    async def log_progress() -> None:
+        counters = stage1.counters
+        log.info(
+            "progress messages=%d spans=%d dead_letters=%d partials=%d windows_written=%d "
+            "monotonic=%.3f",
+            counters.messages,
+            counters.spans,
+            counters.dead_letters,
+            counters.partials,
+            stage2.windows_written,
+            time.monotonic(),
+        )
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def on_revoked(app: faust.App, revoked: set[TP], **kwargs: Any) -> None:
@@ -231,6 +270,13 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
         )
         for tp in ours:
             offset, metadata = committed.get(tp, (0, ""))
+            if offset > 0 and not metadata:
+                log.error(
+                    "%s was committed at %d without a checkpoint: windows open there may be "
+                    "resent incomplete",
+                    tp,
+                    offset,
+                )
             if tp.topic == settings.spans_topic:
                 stage1.assign(
                     tp.partition, Checkpoint.decode(offset, metadata) if metadata else None
@@ -250,12 +296,17 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
         )
 
     @app.service
-    class ForwarderDrain(mode.Service):
-        """Sends the spans still buffered when the worker stops."""
+    class ForwarderLifecycle(mode.Service):
+        """Checks Phoenix access at start (a rejected key stops the worker, saying so) and
+        sends the spans still held when the worker stops."""
+
+        async def on_start(self) -> None:
+            if forwarder is not None:
+                await forwarder.start(check_access=True)
 
         async def on_stop(self) -> None:
             if forwarder is not None:
-                await forwarder.drain(FLUSH_DRAIN_TIMEOUT_S)
+                await forwarder.drain(settings.phoenix_drain_timeout_s)
 
     return app
 
@@ -272,9 +323,14 @@ def _finalized_until(metadata: str) -> int | None:
 
 def run_worker(settings: WorkerSettings, argv: Sequence[str] = ()) -> None:
     """Create topics, then run the faust worker until it is stopped."""
+    from processor.worker.logging_setup import configure_logging
     from processor.worker.topics import ensure_topics
 
+    logging_config = configure_logging(settings)
     counts = asyncio.run(ensure_topics(settings))
     app = create_app(settings, source_partitions=counts.get(settings.spans_topic))
-    worker = faust.Worker(app, loglevel=settings.log_level.upper(), quiet=True)
+    # mode replaces the root logger's handlers when the worker starts: hand it ours.
+    worker = faust.Worker(
+        app, loglevel=settings.log_level.upper(), quiet=True, logging_config=logging_config
+    )
     worker.execute_from_commandline()

@@ -12,7 +12,7 @@ store to keep in step.
 from __future__ import annotations
 
 import logging
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -30,9 +30,14 @@ MAX_METADATA_BYTES = 4096  # the broker's default offset.metadata.max.bytes
 class CommitLedger:
     """Held (unacknowledged) events per partition and the metadata of each safe offset."""
 
+    # Faust computes the offset to commit on the event loop and commits it from its consumer
+    # thread, while the loop may already have released a later offset: the metadata of a
+    # few recent offsets is kept so the one being committed is always found.
+    RECENT_OFFSETS = 256
+
     def __init__(self) -> None:
         self._held: dict[TP, deque[tuple[int, EventT]]] = {}
-        self._metadata: dict[TP, tuple[int, str]] = {}
+        self._metadata: dict[TP, OrderedDict[int, str]] = {}
 
     def hold(self, tp: TP, offset: int, event: EventT) -> None:
         self._held.setdefault(tp, deque()).append((offset, event))
@@ -41,10 +46,12 @@ class CommitLedger:
         """Ack every held event below ``safe_offset``; remember ``metadata`` for that offset."""
         if len(metadata.encode()) > MAX_METADATA_BYTES:
             raise ValueError(f"commit metadata over {MAX_METADATA_BYTES} bytes: {metadata[:80]}")
-        previous = self._metadata.get(tp)
-        if previous is not None and previous[0] > safe_offset:
+        recent = self._metadata.setdefault(tp, OrderedDict())
+        if recent and next(reversed(recent)) > safe_offset:
             return 0  # never move back: the later offset may be committed already
-        self._metadata[tp] = (safe_offset, metadata)
+        recent[safe_offset] = metadata
+        while len(recent) > self.RECENT_OFFSETS:
+            recent.popitem(last=False)
         held = self._held.get(tp)
         released = 0
         while held and held[0][0] < safe_offset:
@@ -54,8 +61,15 @@ class CommitLedger:
         return released
 
     def metadata_for(self, tp: TP, offset: int) -> str:
-        entry = self._metadata.get(tp)
-        return entry[1] if entry is not None and entry[0] == offset else ""
+        recent = self._metadata.get(tp)
+        if recent is None:
+            return ""  # not a topic of ours (faust's own), or nothing released yet
+        metadata = recent.get(offset)
+        if metadata is None:
+            # Only offsets the ledger released are ever acknowledged, so this is a bug.
+            log.error("no checkpoint for %s at offset %d: committing without one", tp, offset)
+            return ""
+        return metadata
 
     def forget(self, tps: Iterable[TP]) -> None:
         # The next owner re-reads these messages from the committed offset.

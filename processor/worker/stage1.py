@@ -9,20 +9,23 @@ from __future__ import annotations
 import logging
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from processor.clock import Clock
 from processor.core.attribution import TraceAssembler
 from processor.core.decoding import decode_request, extract_spans
 from processor.core.partition import AdvanceResult, Checkpoint, PartitionAggregator
 from processor.core.rollup import PartialRollup, PartitionProgress
+from processor.core.sampling import SamplingPolicy, TraceSampler, mark_forwarded
 from processor.core.semconv import ExtractionConfig
-from processor.core.spans import RejectedSpan
+from processor.core.spans import RejectedSpan, SpanRecord
 from processor.errors import InvalidInput
 from processor.sinks.otlp_batch import build_request
 from processor.worker.forwarding import SpanForwarder
 
 log = logging.getLogger(__name__)
+
+MIN_TRACE_TTL_MS = 10_000
 
 SendRecord = Callable[[bytes, bytes, int | None], Awaitable[None]]  # key, value, partition
 
@@ -46,6 +49,11 @@ class Stage1Counters:
     spans: int = 0
     dead_letters: int = 0
     partials: int = 0
+    # Never reset (a revocation keeps them): the worker's /metrics reads them.
+    messages_by_partition: dict[int, int] = field(default_factory=dict)
+    spans_by_partition: dict[int, int] = field(default_factory=dict)
+    dead_letters_by_reason: dict[str, int] = field(default_factory=dict)
+    skipped_messages: int = 0
 
 
 def partials_partition_of(agent: str, partitions: int) -> int:
@@ -65,6 +73,7 @@ class Stage1:
         partials_partitions: int,
         extraction: ExtractionConfig,
         forwarder: SpanForwarder | None,
+        sampling: SamplingPolicy | None,
         send_partial: SendRecord,
         send_dead_letter: SendDeadLetter,
         clock: Clock,
@@ -73,10 +82,13 @@ class Stage1:
         self._allowed_lateness_ms = allowed_lateness_ms
         self._idle_timeout_ms = idle_timeout_ms
         self._max_traces = max_traces
+        # A trace is remembered (for children that come late) as long as a span may be late.
+        self._trace_ttl_ms = max(allowed_lateness_ms, MIN_TRACE_TTL_MS)
         self._max_series = max_series_per_window
         self._partials_partitions = partials_partitions
         self._extraction = extraction
         self._forwarder = forwarder
+        self._sampling = sampling  # None: every span goes to Phoenix
         self._send_partial = send_partial
         self._send_dead_letter = send_dead_letter
         self._clock = clock
@@ -95,8 +107,10 @@ class Stage1:
             assembler=TraceAssembler(
                 max_traces=self._max_traces,
                 attribution_wait_ms=self._allowed_lateness_ms,
-                trace_ttl_ms=2 * self._window_size_ms,
+                trace_ttl_ms=self._trace_ttl_ms,
             ),
+            trace_ttl_ms=self._trace_ttl_ms,
+            sampler=TraceSampler(self._sampling) if self._sampling is not None else None,
         )
         if checkpoint is not None:
             aggregator.restore(checkpoint)
@@ -120,11 +134,18 @@ class Stage1:
         value: bytes | None,
         headers: Mapping[str, bytes],
     ) -> None:
-        self.counters.messages += 1
         aggregator = self.partitions.get(partition)
-        if aggregator is None:
-            self.assign(partition, None)
-            aggregator = self.partitions[partition]
+        expected = self._next_offset.get(partition)
+        if aggregator is None or (expected is not None and offset < expected):
+            # Read before a rebalance took the partition away, or already seen: whoever owns
+            # the partition now reads it again from the committed offset.
+            self.counters.skipped_messages += 1
+            return
+        counters = self.counters
+        counters.messages += 1
+        counters.messages_by_partition[partition] = (
+            counters.messages_by_partition.get(partition, 0) + 1
+        )
         self._next_offset[partition] = offset + 1
         payload = value or b""
         content_type = headers.get("content-type")
@@ -139,10 +160,26 @@ class Stage1:
             return
         if decoded.rejected:
             await self._reject_spans(decoded.rejected, partition, offset, key)
-        self.counters.spans += len(decoded.spans)
+        counters.spans += len(decoded.spans)
+        counters.spans_by_partition[partition] = counters.spans_by_partition.get(
+            partition, 0
+        ) + len(decoded.spans)
         aggregator.add(offset, decoded.spans, self._clock())
-        if self._forwarder is not None and decoded.spans:
-            await self._forwarder.add(decoded.spans, partition=partition, offset=offset)
+        await self._forward(partition, aggregator)
+
+    async def _forward(self, partition: int, aggregator: PartitionAggregator) -> None:
+        """Send the spans whose trace was just kept to Phoenix, per source message."""
+        decided = aggregator.take_decided()
+        if self._forwarder is None or not decided:
+            return
+        by_offset: dict[int, list[SpanRecord]] = {}
+        for item in decided:
+            if item.keep:
+                if item.reason is not None:  # a sampler decided: say why on the span
+                    mark_forwarded(item.span, item)
+                by_offset.setdefault(item.offset, []).append(item.span)
+        for offset, spans in by_offset.items():
+            await self._forwarder.add(spans, partition=partition, offset=offset)
 
     async def _reject_spans(
         self, rejected: list[RejectedSpan], partition: int, offset: int, key: bytes | None
@@ -160,9 +197,16 @@ class Stage1:
         offset: int,
         key: bytes | None,
     ) -> None:
-        self.counters.dead_letters += 1
+        counters = self.counters
+        counters.dead_letters += 1
+        counters.dead_letters_by_reason[reason] = counters.dead_letters_by_reason.get(reason, 0) + 1
         log.warning(
-            "dead letter from partition %d offset %d: %s %s", partition, offset, reason, detail
+            "dead letter from partition %d offset %d: %s %s",
+            partition,
+            offset,
+            reason,
+            detail,
+            extra={"partition": partition, "offset": offset},
         )
         await self._send_dead_letter(DeadLetter(value, reason, detail, partition, offset, key))
 
@@ -177,6 +221,7 @@ class Stage1:
         for partition, aggregator in list(self.partitions.items()):
             result = aggregator.advance(now, caught_up=caught_up(partition))
             await self._emit(result)
+            await self._forward(partition, aggregator)
             next_offset = self._next_offset.get(partition)
             if next_offset is None or self.partitions.get(partition) is not aggregator:
                 continue  # nothing read yet, or revoked while we were sending

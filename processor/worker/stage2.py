@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
+from dataclasses import dataclass
 
 from processor.clock import Clock
 from processor.core.merge import RollupMerger
@@ -12,6 +14,20 @@ from processor.errors import RetryableExportError
 from processor.sinks.mlflow_writer import RollupWriter
 
 log = logging.getLogger(__name__)
+
+RECENT_WINDOWS = 50
+
+
+@dataclass(frozen=True, slots=True)
+class WrittenWindow:
+    """A final window MLflow took: what `trace-processor status` lists."""
+
+    agent: str
+    window_start_ms: int
+    window_end_ms: int
+    written_at_ms: int
+    spans: int
+    errors: int
 
 
 class Stage2:
@@ -36,6 +52,9 @@ class Stage2:
         self.windows_written = 0
         self.write_retries = 0
         self.bad_records = 0
+        # Wall clock at write time minus window end, summed over every window written.
+        self.freshness_ms_sum = 0
+        self.recent_windows: deque[WrittenWindow] = deque(maxlen=RECENT_WINDOWS)
 
     def assign(self, partition: int, finalized_until_ms: int | None) -> None:
         merger = self._merger(partition)
@@ -54,6 +73,9 @@ class Stage2:
         return merger
 
     def handle(self, partition: int, offset: int, value: bytes) -> None:
+        expected = self._next_offset.get(partition)
+        if partition not in self.mergers or (expected is not None and offset < expected):
+            return  # read before a rebalance took the partition away, or already seen
         self._next_offset[partition] = offset + 1
         try:
             record = parse_stage_record(value)
@@ -101,12 +123,29 @@ class Stage2:
                 log.warning("MLflow write failed (%s); retrying in %.0fs", exc, delay)
                 await asyncio.sleep(delay)
             else:
+                now = self._clock()
                 self.windows_written += len(finals)
                 for final in finals:
+                    metrics = final.metrics()
+                    self.freshness_ms_sum += now - final.window_end_ms
+                    self.recent_windows.append(
+                        WrittenWindow(
+                            final.series.agent,
+                            final.window_start_ms,
+                            final.window_end_ms,
+                            now,
+                            int(metrics["spans"]),
+                            int(metrics["errors"]),
+                        )
+                    )
                     log.info(
                         "wrote window %d of %s: %s",
                         final.window_start_ms,
                         final.series.agent,
-                        {k: final.metrics()[k] for k in ("spans", "errors", "tokens_total")},
+                        {k: metrics[k] for k in ("spans", "errors", "tokens_total")},
+                        extra={
+                            "agent": final.series.agent,
+                            "window_start_ms": final.window_start_ms,
+                        },
                     )
                 return

@@ -23,8 +23,15 @@ from tests.integration.support import (
 pytestmark = pytest.mark.integration
 
 WINDOW_MS = 10_000
-EXACT = ("spans", "errors", "invocations", "llm_calls", "tokens_prompt", "tokens_completion",
-         "tokens_total")
+EXACT = (
+    "spans",
+    "errors",
+    "invocations",
+    "llm_calls",
+    "tokens_prompt",
+    "tokens_completion",
+    "tokens_total",
+)
 PERCENTILES = ("latency_p50_ms", "latency_p95_ms", "latency_p99_ms")
 
 
@@ -48,20 +55,17 @@ def test_spans_reach_phoenix_and_rollups_reach_mlflow_exactly(
         PROCESSOR_WINDOW_SIZE_MS=str(WINDOW_MS),
         PROCESSOR_ALLOWED_LATENESS_MS=str(lateness_ms),
         PROCESSOR_IDLE_TIMEOUT_MS="2000",
+        PROCESSOR_SAMPLING_PROBABILITY="1.0",  # every span to Phoenix: checked one by one
     )
     asyncio.run(
-        publish_traces(
-            traces, bootstrap=stack.kafka_bootstrap, topic=env["PROCESSOR_SPANS_TOPIC"]
-        )
+        publish_traces(traces, bootstrap=stack.kafka_bootstrap, topic=env["PROCESSOR_SPANS_TOPIC"])
     )
     # A message that is not OTLP must end in the dead-letter topic, not stop the worker.
     asyncio.run(_publish_raw(stack.kafka_bootstrap, env["PROCESSOR_SPANS_TOPIC"], b"\x0a\xff"))
 
     worker = WorkerProcess(env, work_dir / "worker.log").start()
     try:
-        expected = {
-            (r["agent"], r["window_start_ms"] // WINDOW_MS): r for r in truth.rollups
-        }
+        expected = {(r["agent"], r["window_start_ms"] // WINDOW_MS): r for r in truth.rollups}
 
         def all_windows_written() -> dict | None:
             found = mlflow_rollups(stack.mlflow_url, unique_name)
@@ -91,7 +95,11 @@ def test_spans_reach_phoenix_and_rollups_reach_mlflow_exactly(
         # Every span is in Phoenix (it ingests asynchronously: poll).
         want_ids = {span_id.hex() for trace in traces for span_id in trace.span_ids}
         got_ids = poll_until(
-            lambda: (ids if want_ids <= (ids := set(phoenix_span_ids(stack.phoenix_url, unique_name))) else None),
+            lambda: (
+                ids
+                if want_ids <= (ids := set(phoenix_span_ids(stack.phoenix_url, unique_name)))
+                else None
+            ),
             timeout_s=120,
             what="every span in Phoenix",
         )

@@ -26,8 +26,16 @@ from tests.integration.support import (
 pytestmark = pytest.mark.integration
 
 WINDOW_MS = 10_000
-EXACT = ("spans", "errors", "invocations", "llm_calls", "tokens_prompt", "tokens_completion",
-         "tokens_total", "late_spans")
+EXACT = (
+    "spans",
+    "errors",
+    "invocations",
+    "llm_calls",
+    "tokens_prompt",
+    "tokens_completion",
+    "tokens_total",
+    "late_spans",
+)
 PERCENTILES = ("latency_p50_ms", "latency_p95_ms", "latency_p99_ms")
 CHUNKS = 8
 
@@ -132,8 +140,7 @@ def test_two_workers_share_the_partitions(
     stack: StackEndpoints, unique_name: str, work_dir: Path
 ) -> None:
     traces, truth = _traffic(count=480, seed=21)
-    _run(stack, unique_name, work_dir, traces=traces, truth=truth, actions={},
-         workers_at_start=2)
+    _run(stack, unique_name, work_dir, traces=traces, truth=truth, actions={}, workers_at_start=2)
 
 
 def test_worker_killed_with_sigkill_mid_window_then_restarted(
@@ -141,13 +148,27 @@ def test_worker_killed_with_sigkill_mid_window_then_restarted(
 ) -> None:
     traces, truth = _traffic(count=480, seed=22)
     actions = {2: _kill(0), 4: _restart(0)}
-    _run(stack, unique_name, work_dir, traces=traces, truth=truth, actions=actions,
-         workers_at_start=2)
+    _run(
+        stack,
+        unique_name,
+        work_dir,
+        traces=traces,
+        truth=truth,
+        actions=actions,
+        workers_at_start=2,
+    )
 
 
 def test_third_worker_joining_mid_stream(
     stack: StackEndpoints, unique_name: str, work_dir: Path
 ) -> None:
     traces, truth = _traffic(count=480, seed=23)
-    _run(stack, unique_name, work_dir, traces=traces, truth=truth,
-         actions={3: _join(work_dir)}, workers_at_start=2)
+    _run(
+        stack,
+        unique_name,
+        work_dir,
+        traces=traces,
+        truth=truth,
+        actions={3: _join(work_dir)},
+        workers_at_start=2,
+    )

@@ -1,0 +1,197 @@
+"""Throughput and memory of whole worker processes reading from a real Kafka.
+
+    .venv/bin/python benchmarks/bench_worker.py --traces 8000 --trace-size 100 --workers 1 2
+
+Starts (or reuses) a local stack under ``.stack-bench/`` on its own ports, publishes the
+traces once (event time in the past, one ~100-span message per trace), then for each worker
+count runs that many `trace-processor worker` processes with a fresh consumer group over the
+same topic and prints spans/s (from the workers' progress lines, first span to last span),
+peak RSS per worker (VmHWM) and how long after the last span the last window reached MLflow.
+No assertions: the numbers are the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from processor.loadgen import Scenario, TraceGenerator, publish_traces
+from processor.settings import StackSettings
+from processor.stack import LocalStack
+
+PROGRESS = re.compile(r"progress messages=(\d+) spans=(\d+) .* monotonic=([\d.]+)")
+console = Console()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--traces", type=int, default=8000)
+    parser.add_argument("--trace-size", type=int, default=100)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--phoenix", action="store_true", help="forward spans to Phoenix too")
+    args = parser.parse_args()
+
+    state = Path(".stack-bench").resolve()
+    stack = LocalStack(
+        StackSettings(
+            dir=state,
+            kafka_port=49092,
+            kafka_controller_port=49093,
+            phoenix_port=49006,
+            phoenix_grpc_port=49317,
+            mlflow_port=49500,
+        )
+    )
+    endpoints = stack.up()
+    run_id = time.strftime("%H%M%S")
+    topic = f"bench-{run_id}.spans"
+
+    started = time.monotonic()
+    start_ms = time.time_ns() // 1_000_000 - 3 * 3600 * 1000
+    scenario = Scenario(agents=10, trace_size=args.trace_size, seed=5, latency_scale=0.1)
+    traces = list(TraceGenerator(scenario, start_ms=start_ms, rate=20.0).generate(args.traces))
+    total_spans = sum(trace.span_count for trace in traces)
+    console.print(
+        f"generated {len(traces)} traces, {total_spans} spans in {time.monotonic() - started:.1f}s"
+    )
+    stats = asyncio.run(
+        publish_traces(
+            traces, bootstrap=endpoints.kafka_bootstrap, topic=topic, partitions=args.partitions
+        )
+    )
+    console.print(f"published: {stats.summary()}")
+    del traces
+
+    table = Table(
+        "workers",
+        "spans/s (all)",
+        "spans/s per worker",
+        "peak RSS per worker (MiB)",
+        "last window in MLflow after last span (s)",
+    )
+    for count in args.workers:
+        name = f"bench-{run_id}-{count}w"
+        env = {
+            **os.environ,
+            "KAFKA_BOOTSTRAP_SERVERS": endpoints.kafka_bootstrap,
+            "MLFLOW_TRACKING_URI": endpoints.mlflow_url,
+            "MLFLOW_EXPERIMENT_NAME": name,
+            "PHOENIX_COLLECTOR_ENDPOINT": endpoints.phoenix_url,
+            "PROCESSOR_APP_ID": name,
+            "PROCESSOR_SPANS_TOPIC": topic,
+            "PROCESSOR_SPANS_PARTITIONS": str(args.partitions),
+            "PROCESSOR_DEAD_LETTER_TOPIC": f"{name}.dlq",
+            "PROCESSOR_PARTIALS_TOPIC": f"{name}.partials",
+            "PROCESSOR_PHOENIX_ENABLED": "true" if args.phoenix else "false",
+            "PROCESSOR_PHOENIX_PROJECT": name,
+            "PROCESSOR_ALLOWED_LATENESS_MS": "30000",
+            "PROCESSOR_IDLE_TIMEOUT_MS": "3000",
+            "PROCESSOR_PROGRESS_LOG_INTERVAL_S": "1",
+            "PROCESSOR_DATA_DIR": str(state / "faust" / name),
+        }
+        logs = [state / f"{name}-{i}.log" for i in range(count)]
+        processes = []
+        for log_path in logs:
+            with log_path.open("wb") as log_file:
+                processes.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "processor.cli", "worker"],
+                        env=env,
+                        stdout=log_file,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+        try:
+            first, last = _wait_for_all_spans(logs, total_spans, timeout_s=900)
+            finished = time.monotonic()
+            written_after = _wait_for_last_window(logs, timeout_s=300) - finished
+            peaks = [_peak_rss_mib(process.pid) for process in processes]
+        finally:
+            for process in processes:
+                process.send_signal(signal.SIGTERM)
+            for process in processes:
+                try:
+                    process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+        rate = total_spans / (last - first) if last > first else float("nan")
+        table.add_row(
+            str(count),
+            f"{rate:,.0f}",
+            f"{rate / count:,.0f}",
+            ", ".join(f"{peak:.0f}" for peak in peaks),
+            f"{written_after:.1f}",
+        )
+    console.print(table)
+
+
+def _progress(log: Path) -> list[tuple[float, int]]:
+    points = []
+    for match in PROGRESS.finditer(log.read_text(errors="replace")):
+        points.append((float(match.group(3)), int(match.group(2))))
+    return points
+
+
+def _wait_for_all_spans(logs: list[Path], total: int, timeout_s: float) -> tuple[float, float]:
+    """Monotonic times of the first progress line with spans and of the one reaching total."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        series = [_progress(log) for log in logs]
+        done = sum(points[-1][1] for points in series if points)
+        if done >= total:
+            # the last point before any span, per worker: processing started after it
+            starts = [
+                max((t for t, spans in points if spans == 0), default=points[0][0])
+                for points in series
+                if points
+            ]
+            ends = [
+                next(t for t, spans in points if spans == points[-1][1])
+                for points in series
+                if points
+            ]
+            return min(starts), max(ends)
+        time.sleep(1)
+    raise SystemExit(f"workers did not read all {total} spans in {timeout_s}s; see {logs}")
+
+
+def _wait_for_last_window(logs: list[Path], timeout_s: float) -> float:
+    """Monotonic time when the workers' window count stopped growing (checked for 10 s)."""
+    deadline = time.monotonic() + timeout_s
+    last_count, last_change = -1, time.monotonic()
+    pattern = re.compile(r"windows_written=(\d+) monotonic=([\d.]+)")
+    while time.monotonic() < deadline:
+        count, at = 0, 0.0
+        for log in logs:
+            matches = pattern.findall(log.read_text(errors="replace"))
+            if matches:
+                count += int(matches[-1][0])
+                at = max(at, float(matches[-1][1]))
+        if count != last_count:
+            last_count, last_change = count, at
+        elif count > 0 and time.monotonic() - last_change > 10:
+            return last_change
+        time.sleep(1)
+    return float("nan")
+
+
+def _peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""A span's sampling outcome, and how a kept span says so on its way to Phoenix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+
+from processor.core.sampling.threshold import adjusted_count, threshold_to_th
+from processor.core.sampling.tracestate import with_threshold
+from processor.core.spans import SpanRecord
+
+SAMPLING_REASON_ATTRIBUTE = "sampling.reason"
+
+
+@dataclass(frozen=True, slots=True)
+class SampledSpan:
+    """One span's outcome. ``reason`` is set when kept, ``drop_reason`` when dropped.
+
+    ``threshold`` is the rejection threshold that a kept span's tracestate should carry (None
+    when dropped, or when an inconsistent upstream ``th`` had to be erased).
+    """
+
+    span: SpanRecord
+    agent: str
+    offset: int
+    keep: bool
+    reason: str | None
+    drop_reason: str | None = None
+    threshold: int | None = None
+
+    @property
+    def th(self) -> str | None:
+        """The ``th`` value for the tracestate, e.g. ``"e6666666666666"``; None if none."""
+        return None if self.threshold is None else threshold_to_th(self.threshold)
+
+    @property
+    def adjusted_count(self) -> float | None:
+        """How many spans this kept span stands for, by its threshold; None if unknown."""
+        return None if self.threshold is None else adjusted_count(self.threshold)
+
+
+def mark_forwarded(span: SpanRecord, sampled: SampledSpan) -> None:
+    """Write the sampling outcome into ``span.pb`` before it goes to Phoenix: the attribute
+    ``sampling.reason`` (replaced if present) and the ``ot`` tracestate entry's ``th`` (set to
+    ``sampled.threshold``, removed when that is None; ``rv`` and other entries kept).
+    Idempotent. ``span.tracestate`` keeps the tracestate as it arrived."""
+    if not sampled.keep or sampled.reason is None:
+        raise ValueError("only a kept span is forwarded; this one was dropped")
+    pb = span.pb
+    attributes = pb.attributes
+    for index in range(len(attributes) - 1, -1, -1):
+        if attributes[index].key == SAMPLING_REASON_ATTRIBUTE:
+            del attributes[index]
+    attributes.add(key=SAMPLING_REASON_ATTRIBUTE, value=AnyValue(string_value=sampled.reason))
+    pb.trace_state = with_threshold(pb.trace_state, sampled.threshold)

@@ -1,0 +1,896 @@
+"""The worker's self-metrics (Prometheus), its HTTP endpoints and the local worker registry.
+
+``install_observability(app, settings, stage1=..., stage2=..., forwarder=..., ledger=...)``
+is all ``create_app`` calls. It adds one service to the faust app, started before the Kafka
+consumer (so the endpoints answer while the worker joins its group) and stopped after it:
+
+- ``GET /metrics``: Prometheus text. ``StageCollector`` reads the counters the stages keep
+  anyway at scrape time; nothing on the hot path increments a Prometheus object.
+- ``GET /healthz`` (live) and ``GET /readyz`` (ready): 200 or 503 with a JSON body; the rules
+  are in ``processor.worker.health``.
+- ``GET /status``: JSON for ``trace-processor status``: readiness, assignment, the last windows
+  written, the last warnings and errors.
+
+The server binds ``metrics_host`` on ``metrics_port``, or the next free port up to 99 above it
+(several workers on one machine), or any free port when ``metrics_port`` is 0. The worker
+notes its URL in ``registry_dir/<worker id>.json`` and removes the note when it stops;
+``trace-processor status`` reads the folder.
+
+Counters that the stages keep per assignment (a ``PartitionAggregator`` starts at zero each
+time its partition is assigned) are carried into totals that never go down: the collector
+notices a replaced aggregator at the next scrape or sweep (every second) and adds what the old
+one had counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import mode
+import orjson
+from aiohttp import web
+from faust.types import TP
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
+from prometheus_client.registry import Collector
+
+from processor.errors import ConfigurationError
+from processor.settings import WorkerSettings
+from processor.worker.health import (
+    DependencyProbes,
+    GroupState,
+    MlflowProbe,
+    PhoenixProbe,
+    Probe,
+    ReadinessReport,
+    evaluate_readiness,
+    restored_partitions,
+)
+from processor.worker.logging_setup import recent_problems, worker_id_of
+
+if TYPE_CHECKING:  # `trace-processor status` imports this module: no MLflow or faust app here
+    import faust
+
+    from processor.core.partition import PartitionAggregator
+    from processor.sinks.mlflow_writer import RollupWriter
+    from processor.worker.commits import CommitLedger
+    from processor.worker.forwarding import SpanForwarder
+
+log = logging.getLogger(__name__)
+
+PREFIX = "trace_processor_"
+PORT_SEARCH = 100  # metrics_port, metrics_port + 1, ... metrics_port + 99
+SWEEP_INTERVAL_S = 1.0
+RECENT_WINDOWS_SHOWN = 20
+
+
+# -- what the collector reads --------------------------------------------------------------
+
+
+class Stage1Counters(Protocol):
+    @property
+    def partials(self) -> int: ...
+    @property
+    def skipped_messages(self) -> int: ...
+    @property
+    def messages_by_partition(self) -> Mapping[int, int]: ...
+    @property
+    def spans_by_partition(self) -> Mapping[int, int]: ...
+    @property
+    def dead_letters_by_reason(self) -> Mapping[str, int]: ...
+
+
+class Stage1View(Protocol):
+    @property
+    def counters(self) -> Stage1Counters: ...
+    @property
+    def partitions(self) -> Mapping[int, PartitionAggregator]: ...
+
+
+class WrittenWindowView(Protocol):
+    @property
+    def agent(self) -> str: ...
+    @property
+    def window_start_ms(self) -> int: ...
+    @property
+    def window_end_ms(self) -> int: ...
+    @property
+    def written_at_ms(self) -> int: ...
+    @property
+    def spans(self) -> int: ...
+    @property
+    def errors(self) -> int: ...
+
+
+class Stage2View(Protocol):
+    @property
+    def mergers(self) -> Mapping[int, object]: ...
+    @property
+    def windows_written(self) -> int: ...
+    @property
+    def write_retries(self) -> int: ...
+    @property
+    def bad_records(self) -> int: ...
+    @property
+    def freshness_ms_sum(self) -> int: ...
+    @property
+    def recent_windows(self) -> Sequence[WrittenWindowView]: ...
+
+
+class CarriedTotals:
+    """Totals per partition of counters held by per-assignment stats objects.
+
+    ``update(current)`` is given the live stats object of each partition; when a partition's
+    object is replaced or gone, the old object's final counts join the partition's total.
+    """
+
+    def __init__(self, fields: tuple[str, ...]) -> None:
+        self._fields = fields
+        self._live: dict[int, object] = {}
+        self._retired: dict[int, dict[str, int]] = {}
+
+    def update(self, current: Mapping[int, object]) -> None:
+        for partition, old in self._live.items():
+            if current.get(partition) is not old:
+                retired = self._retired.setdefault(partition, dict.fromkeys(self._fields, 0))
+                for name in self._fields:
+                    retired[name] += getattr(old, name)
+        self._live = dict(current)
+
+    def totals(self) -> dict[int, dict[str, int]]:
+        result: dict[int, dict[str, int]] = {}
+        for partition in sorted(self._retired.keys() | self._live.keys()):
+            retired = self._retired.get(partition)
+            live = self._live.get(partition)
+            result[partition] = {
+                name: (retired[name] if retired else 0) + (getattr(live, name) if live else 0)
+                for name in self._fields
+            }
+        return result
+
+
+_PARTITION_COUNTERS = ("spans", "late_spans", "overflow_spans", "windows_closed", "replayed_spans")
+_ASSEMBLER_COUNTERS = ("evicted_traces", "resolved_without_parent")
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerPosition:
+    topic: str
+    partition: int
+    highwater: int | None  # offset the next message written will get
+    position: int | None  # next offset this worker reads
+
+
+class StageCollector(Collector):
+    """Prometheus metrics read from the stages, the forwarder and the consumer at scrape time.
+
+    The names, types and labels are listed in ``docs/operations.md``; ``METRIC_NAMES`` holds
+    them, and a test keeps the two in step.
+    """
+
+    def __init__(
+        self,
+        *,
+        stage1: Stage1View,
+        stage2: Stage2View,
+        forwarder: SpanForwarder | None,
+        writer: RollupWriter | None,
+        positions: Callable[[], list[ConsumerPosition]],
+        held: Callable[[str, int], int],
+        readiness: Callable[[], tuple[ReadinessReport, Mapping[str, bool | None]]],
+        info: Mapping[str, str],
+    ) -> None:
+        self._stage1 = stage1
+        self._stage2 = stage2
+        self._forwarder = forwarder
+        self._writer = writer
+        self._positions = positions
+        self._held = held
+        self._readiness = readiness
+        self._info = dict(info)
+        self._partition_totals = CarriedTotals(_PARTITION_COUNTERS)
+        self._assembler_totals = CarriedTotals(_ASSEMBLER_COUNTERS)
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # no collect() at registration: the stages may not be running yet
+
+    def sweep(self) -> None:
+        """Notice replaced aggregators (call often: counts of one never seen are lost)."""
+        aggregators = dict(self._stage1.partitions)
+        self._partition_totals.update({p: a.stats for p, a in aggregators.items()})
+        self._assembler_totals.update({p: a.assembler.stats for p, a in aggregators.items()})
+
+    def collect(self) -> Iterator[Metric]:
+        self.sweep()
+        yield from self._stage1_metrics()
+        yield from self._buffer_metrics()
+        yield from self._phoenix_metrics()
+        yield from self._stage2_metrics()
+        yield from self._consumer_metrics()
+        yield from self._health_metrics()
+
+    def _stage1_metrics(self) -> Iterator[Metric]:
+        counters = self._stage1.counters
+        yield _per_partition(
+            "messages_consumed",
+            "Kafka messages of the spans topic read by stage 1.",
+            counters.messages_by_partition,
+        )
+        yield _per_partition(
+            "spans_in", "Valid spans decoded from those messages.", counters.spans_by_partition
+        )
+        yield _counter(
+            "messages_skipped",
+            "Messages read for a partition revoked meanwhile, or read twice: not processed.",
+            counters.skipped_messages,
+        )
+        dead = CounterMetricFamily(
+            PREFIX + "dead_letters",
+            "Records written to the dead-letter topic, by reason.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(counters.dead_letters_by_reason.items()):
+            dead.add_metric([reason], count)
+        if self._forwarder is not None:
+            batches = self._forwarder.stats.dead_lettered_batches
+            dead.add_metric(["phoenix_rejected"], batches)
+        yield dead
+        totals = self._partition_totals.totals()
+        for name, field_name, doc in (
+            ("spans_aggregated", "spans", "Spans added to a window aggregate (replays included)."),
+            ("late_spans", "late_spans", "Spans whose window had closed: counted as late."),
+            ("overflow_spans", "overflow_spans", "Spans folded into __overflow__ series."),
+            ("replayed_spans", "replayed_spans", "Replayed spans of windows already sent."),
+            ("windows_closed", "windows_closed", "Windows closed by stage 1 (partials sent)."),
+        ):
+            yield _per_partition(name, doc, {p: t[field_name] for p, t in totals.items()})
+        yield _counter("partials_sent", "Partial records sent to stage 2.", counters.partials)
+        total_in = sum(counters.spans_by_partition.values())
+        sampling = CounterMetricFamily(
+            PREFIX + "sampling_spans",
+            "Sampling decisions on spans, by decision and policy (policy 'all' until "
+            "sampling policies exist).",
+            labels=["decision", "policy"],
+        )
+        if self._forwarder is not None:
+            sampling.add_metric(["kept", "all"], total_in)
+        else:
+            sampling.add_metric(["dropped", "phoenix_disabled"], total_in)
+        yield sampling
+
+    def _buffer_metrics(self) -> Iterator[Metric]:
+        aggregators = dict(self._stage1.partitions)
+        traces = GaugeMetricFamily(
+            PREFIX + "trace_buffer_traces", "Traces held in the trace buffer.", labels=["partition"]
+        )
+        waiting = GaugeMetricFamily(
+            PREFIX + "trace_buffer_waiting_spans",
+            "Spans held back waiting for their parent.",
+            labels=["partition"],
+        )
+        open_windows = GaugeMetricFamily(
+            PREFIX + "open_windows", "Windows open in stage 1.", labels=["partition"]
+        )
+        watermark = GaugeMetricFamily(
+            PREFIX + "watermark_timestamp_seconds",
+            "Event-time watermark of the partition.",
+            labels=["partition"],
+        )
+        for partition, aggregator in sorted(aggregators.items()):
+            label = [str(partition)]
+            traces.add_metric(label, aggregator.assembler.stats.traces)
+            waiting.add_metric(label, aggregator.assembler.stats.pending_spans)
+            open_windows.add_metric(label, len(aggregator.open_windows))
+            if aggregator.watermark.value_ms is not None:
+                watermark.add_metric(label, aggregator.watermark.value_ms / 1000)
+        yield from (traces, waiting, open_windows, watermark)
+        totals = self._assembler_totals.totals()
+        yield _per_partition(
+            "trace_buffer_evicted_traces",
+            "Traces evicted early to respect the buffer's bounds.",
+            {p: t["evicted_traces"] for p, t in totals.items()},
+        )
+        yield _per_partition(
+            "orphan_spans",
+            "Waiting spans attributed without their parent (wait over, or evicted).",
+            {p: t["resolved_without_parent"] for p, t in totals.items()},
+        )
+
+    def _phoenix_metrics(self) -> Iterator[Metric]:
+        forwarder = self._forwarder
+        if forwarder is None:
+            return
+        stats = forwarder.stats
+        yield _counter(
+            "phoenix_spans_accepted", "Spans Phoenix accepted (forwarded).", stats.accepted_spans
+        )
+        yield _counter(
+            "phoenix_batches_accepted", "Requests Phoenix accepted.", stats.accepted_batches
+        )
+        retries = CounterMetricFamily(
+            PREFIX + "phoenix_retries",
+            "Failed Phoenix requests retried, by HTTP status ('connection': no answer).",
+            labels=["status"],
+        )
+        for status, count in sorted(stats.retries_by_status.items()):
+            retries.add_metric([status], count)
+        yield retries
+        yield _counter(
+            "phoenix_spans_dead_lettered",
+            "Spans Phoenix refused for good, sent to the dead-letter topic.",
+            stats.dead_lettered_spans,
+        )
+        yield _counter(
+            "phoenix_spans_dropped_on_revoke",
+            "Buffered spans dropped when their partition was revoked (the next owner resends).",
+            stats.dropped_on_revoke_spans,
+        )
+        yield _gauge(
+            "phoenix_spans_pending",
+            "Spans buffered or in flight, not yet accepted.",
+            forwarder.pending_spans(),
+        )
+        yield _gauge(
+            "phoenix_requests_in_flight", "Requests to Phoenix out now.", forwarder.in_flight
+        )
+        yield _gauge(
+            "phoenix_unauthorized",
+            "1 while Phoenix refuses the API key.",
+            1 if stats.unauthorized else 0,
+        )
+
+    def _stage2_metrics(self) -> Iterator[Metric]:
+        stage2 = self._stage2
+        yield _counter(
+            "windows_finalized",
+            "Final windows written to MLflow by stage 2.",
+            stage2.windows_written,
+        )
+        yield _counter(
+            "mlflow_write_retries", "Failed MLflow writes retried.", stage2.write_retries
+        )
+        yield _counter(
+            "partials_bad_records",
+            "Records of the partials topic that were not ours, ignored.",
+            stage2.bad_records,
+        )
+        if self._writer is not None:
+            yield _counter(
+                "mlflow_windows_written",
+                "Windows MLflow stored (a replayed window already there is skipped).",
+                self._writer.windows_written,
+            )
+            yield _counter(
+                "mlflow_windows_skipped",
+                "Windows already in MLflow, not written again.",
+                self._writer.windows_skipped,
+            )
+        freshness = SummaryMetricFamily(
+            PREFIX + "window_freshness_seconds",
+            "Wall clock at write time minus window end, over every window written.",
+            count_value=stage2.windows_written,
+            sum_value=stage2.freshness_ms_sum / 1000,
+        )
+        yield freshness
+        recent = stage2.recent_windows
+        last = GaugeMetricFamily(
+            PREFIX + "last_window_freshness_seconds",
+            "Freshness of the window written last (write time minus window end).",
+        )
+        last_end = GaugeMetricFamily(
+            PREFIX + "last_window_end_timestamp_seconds", "End of the window written last."
+        )
+        if recent:
+            newest = recent[-1]
+            last.add_metric([], (newest.written_at_ms - newest.window_end_ms) / 1000)
+            last_end.add_metric([], newest.window_end_ms / 1000)
+        yield last
+        yield last_end
+
+    def _consumer_metrics(self) -> Iterator[Metric]:
+        lag = GaugeMetricFamily(
+            PREFIX + "consumer_lag",
+            "Messages in the partition not read yet (high watermark minus position).",
+            labels=["topic", "partition"],
+        )
+        held = GaugeMetricFamily(
+            PREFIX + "uncommitted_messages",
+            "Messages read whose offsets are not released for commit yet (open windows, "
+            "spans Phoenix has not accepted).",
+            labels=["topic", "partition"],
+        )
+        assigned = GaugeMetricFamily(
+            PREFIX + "assigned_partitions", "Partitions assigned to this worker.", labels=["topic"]
+        )
+        per_topic: dict[str, int] = {}
+        for position in self._positions():
+            labels = [position.topic, str(position.partition)]
+            per_topic[position.topic] = per_topic.get(position.topic, 0) + 1
+            if position.highwater is not None and position.position is not None:
+                lag.add_metric(labels, max(0, position.highwater - position.position))
+            held.add_metric(labels, self._held(position.topic, position.partition))
+        for topic, count in sorted(per_topic.items()):
+            assigned.add_metric([topic], count)
+        yield from (lag, held, assigned)
+
+    def _health_metrics(self) -> Iterator[Metric]:
+        report, dependencies = self._readiness()
+        yield _gauge("ready", "1 when the worker is ready (see /readyz).", int(report.ready))
+        up = GaugeMetricFamily(
+            PREFIX + "dependency_up",
+            "1 when the dependency answered the last probe as it should.",
+            labels=["dependency"],
+        )
+        for name, ok in sorted(dependencies.items()):
+            up.add_metric([name], 1 if ok else 0)
+        yield up
+        yield InfoMetricFamily(PREFIX + "worker", "This worker.", value=self._info)
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(PREFIX + name, doc, value=value)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(PREFIX + name, doc, value=value)
+
+
+def _per_partition(name: str, doc: str, values: Mapping[int, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(PREFIX + name, doc, labels=["partition"])
+    for partition, value in sorted(values.items()):
+        family.add_metric([str(partition)], value)
+    return family
+
+
+# Every sample name the collector can expose (documented in docs/operations.md).
+METRIC_NAMES = tuple(
+    PREFIX + name
+    for name in (
+        "messages_consumed_total",
+        "spans_in_total",
+        "messages_skipped_total",
+        "dead_letters_total",
+        "spans_aggregated_total",
+        "late_spans_total",
+        "overflow_spans_total",
+        "replayed_spans_total",
+        "windows_closed_total",
+        "partials_sent_total",
+        "sampling_spans_total",
+        "trace_buffer_traces",
+        "trace_buffer_waiting_spans",
+        "open_windows",
+        "watermark_timestamp_seconds",
+        "trace_buffer_evicted_traces_total",
+        "orphan_spans_total",
+        "phoenix_spans_accepted_total",
+        "phoenix_batches_accepted_total",
+        "phoenix_retries_total",
+        "phoenix_spans_dead_lettered_total",
+        "phoenix_spans_dropped_on_revoke_total",
+        "phoenix_spans_pending",
+        "phoenix_requests_in_flight",
+        "phoenix_unauthorized",
+        "windows_finalized_total",
+        "mlflow_write_retries_total",
+        "partials_bad_records_total",
+        "mlflow_windows_written_total",
+        "mlflow_windows_skipped_total",
+        "window_freshness_seconds_count",
+        "window_freshness_seconds_sum",
+        "last_window_freshness_seconds",
+        "last_window_end_timestamp_seconds",
+        "consumer_lag",
+        "uncommitted_messages",
+        "assigned_partitions",
+        "ready",
+        "dependency_up",
+        "worker_info",
+    )
+)
+
+
+# -- the local registry --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredWorker:
+    """One worker's note in the registry: where its HTTP endpoints are."""
+
+    worker_id: str
+    url: str
+    pid: int
+    hostname: str
+    app_id: str
+    started_at_s: float
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(asdict(self), option=orjson.OPT_INDENT_2)
+
+    @classmethod
+    def from_json(cls, data: bytes) -> RegisteredWorker:
+        raw = orjson.loads(data)
+        return cls(
+            worker_id=str(raw["worker_id"]),
+            url=str(raw["url"]),
+            pid=int(raw["pid"]),
+            hostname=str(raw["hostname"]),
+            app_id=str(raw["app_id"]),
+            started_at_s=float(raw["started_at_s"]),
+        )
+
+
+class WorkerRegistry:
+    """A folder with one JSON note per running worker of this machine."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def path_of(self, worker_id: str) -> Path:
+        return self.directory / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', worker_id)}.json"
+
+    def register(self, worker: RegisteredWorker) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.path_of(worker.worker_id)
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_bytes(worker.to_json())
+        temporary.replace(path)  # atomic: a reader never sees half a note
+        return path
+
+    def unregister(self, worker_id: str) -> None:
+        self.path_of(worker_id).unlink(missing_ok=True)
+
+    def workers(self) -> list[RegisteredWorker]:
+        """The workers whose note is readable and whose process still runs (on this host).
+
+        Notes left by a worker that was killed are removed on the way."""
+        found: list[RegisteredWorker] = []
+        if not self.directory.is_dir():
+            return found
+        hostname = socket.gethostname()
+        for path in sorted(self.directory.glob("*.json")):
+            try:
+                worker = RegisteredWorker.from_json(path.read_bytes())
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # half-written by a foreign tool, or gone meanwhile
+            if worker.hostname == hostname and not _process_runs(worker.pid):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                continue
+            found.append(worker)
+        return found
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def bind_listener(host: str, port: int, search: int = PORT_SEARCH) -> socket.socket:
+    """A listening socket on ``port`` or the next free one (any free one when 0)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    candidates = [0] if port == 0 else range(port, min(port + search, 65536))
+    for candidate in candidates:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        # Lets a restarted worker take its port back from TIME_WAIT; never a second listener.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, candidate))
+            sock.listen(64)
+        except OSError:
+            sock.close()
+            continue
+        sock.setblocking(False)
+        return sock
+    raise ConfigurationError(
+        f"no free port for the metrics and health server on {host} from {port} to "
+        f"{port + search - 1}; set PROCESSOR_METRICS_PORT (0: any free port)"
+    )
+
+
+def url_of(host: str, port: int) -> str:
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+# -- the service ---------------------------------------------------------------------------
+
+
+class ObservabilityService(mode.Service):
+    """Serves /metrics, /healthz, /readyz and /status; keeps the registry note and probes."""
+
+    def __init__(
+        self,
+        *,
+        app: faust.App,
+        settings: WorkerSettings,
+        stage1: Stage1View,
+        stage2: Stage2View,
+        forwarder: SpanForwarder | None,
+        ledger: CommitLedger,
+        writer: RollupWriter | None = None,
+        probes: Sequence[Probe] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.app = app
+        self.settings = settings
+        self.worker_id = worker_id_of(settings)
+        self._stage1 = stage1
+        self._stage2 = stage2
+        self._ledger = ledger
+        self._topics = (settings.spans_topic, settings.partials_topic)
+        if probes is None:
+            probes = [MlflowProbe(tracking_uri=settings.mlflow_tracking_uri)]
+            if settings.phoenix_enabled:
+                probes.insert(
+                    0,
+                    PhoenixProbe(
+                        traces_url=settings.phoenix_traces_url, api_key=settings.phoenix_api_key
+                    ),
+                )
+        self.dependencies = DependencyProbes(list(probes))
+        self.registry = WorkerRegistry(settings.registry_dir)
+        self.metrics_registry = CollectorRegistry()
+        ProcessCollector(registry=self.metrics_registry)
+        PlatformCollector(registry=self.metrics_registry)
+        self.collector = StageCollector(
+            stage1=stage1,
+            stage2=stage2,
+            forwarder=forwarder,
+            writer=writer,
+            positions=self.positions,
+            held=self._held,
+            readiness=self._readiness_for_metrics,
+            info={
+                "worker_id": self.worker_id,
+                "app_id": settings.app_id,
+                "version": _version(),
+            },
+        )
+        self.metrics_registry.register(self.collector)
+        self.url: str | None = None
+        self._runner: web.AppRunner | None = None
+        self._started_at_s = time.time()
+
+    # -- state -----------------------------------------------------------------------------
+
+    def _consumer(self) -> Any:
+        return self.app.consumer
+
+    def assignment(self) -> frozenset[tuple[str, int]]:
+        try:
+            assigned = self._consumer().assignment()
+        except Exception:  # consumer not started yet, or stopping
+            return frozenset()
+        return frozenset((tp.topic, tp.partition) for tp in assigned if tp.topic in self._topics)
+
+    def positions(self) -> list[ConsumerPosition]:
+        consumer = self._consumer()
+        found: list[ConsumerPosition] = []
+        for topic, partition in sorted(self.assignment()):
+            tp = TP(topic, partition)
+            try:
+                highwater = consumer.highwater(tp)
+            except Exception:  # no fetch yet, or just revoked
+                highwater = None
+            # faust keeps the last offset handed to the streams and the last commit; its
+            # public API has neither.
+            read = getattr(consumer, "_read_offset", {}).get(tp)
+            committed = getattr(consumer, "_committed_offset", {}).get(tp)
+            position = read + 1 if read is not None else committed
+            found.append(ConsumerPosition(topic, partition, highwater, position))
+        return found
+
+    def _held(self, topic: str, partition: int) -> int:
+        return self._ledger.held_count(TP(topic, partition))
+
+    def group_state(self) -> GroupState:
+        app = self.app
+        return GroupState(
+            joined=app.rebalancing_count > 0,
+            rebalancing=bool(app.rebalancing),
+            stopping=bool(app.should_stop or self.should_stop),
+            assigned=self.assignment(),
+            restored=restored_partitions(
+                spans_topic=self.settings.spans_topic,
+                partials_topic=self.settings.partials_topic,
+                stage1_partitions=list(self._stage1.partitions),
+                stage2_partitions=list(self._stage2.mergers),
+            ),
+        )
+
+    def readiness(self) -> ReadinessReport:
+        return evaluate_readiness(self.group_state(), self.dependencies.results)
+
+    def _readiness_for_metrics(self) -> tuple[ReadinessReport, dict[str, bool | None]]:
+        results = self.dependencies.results
+        return self.readiness(), {
+            name: None if check is None else check.ok for name, check in results.items()
+        }
+
+    def status(self) -> dict[str, Any]:
+        report = self.readiness()
+        assignment: dict[str, list[int]] = {}
+        for topic, partition in sorted(self.assignment()):
+            assignment.setdefault(topic, []).append(partition)
+        windows = list(self._stage2.recent_windows)[-RECENT_WINDOWS_SHOWN:]
+        return {
+            "worker_id": self.worker_id,
+            "app_id": self.settings.app_id,
+            "pid": os.getpid(),
+            "hostname": socket.gethostname(),
+            "url": self.url,
+            "started_at_s": self._started_at_s,
+            "now_s": time.time(),
+            "live": not self.app.crashed,
+            **report.as_dict(),
+            "dependencies": self.dependencies.as_dict(),
+            "topics": {
+                "spans": self.settings.spans_topic,
+                "partials": self.settings.partials_topic,
+            },
+            "assignment": assignment,
+            "recent_windows": [
+                {
+                    "agent": w.agent,
+                    "window_start_ms": w.window_start_ms,
+                    "window_end_ms": w.window_end_ms,
+                    "written_at_ms": w.written_at_ms,
+                    "spans": w.spans,
+                    "errors": w.errors,
+                }
+                for w in reversed(windows)
+            ],
+            "recent_problems": list(reversed(recent_problems.snapshot())),
+        }
+
+    # -- HTTP ------------------------------------------------------------------------------
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.metrics_registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        live = not self.app.crashed
+        return _json({"live": live, "worker_id": self.worker_id}, 200 if live else 503)
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        report = self.readiness()
+        body = {
+            **report.as_dict(),
+            "worker_id": self.worker_id,
+            "dependencies": self.dependencies.as_dict(),
+        }
+        return _json(body, 200 if report.ready else 503)
+
+    async def _status(self, request: web.Request) -> web.Response:
+        return _json(self.status(), 200)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def on_start(self) -> None:
+        settings = self.settings
+        sock = bind_listener(settings.metrics_host, settings.metrics_port)
+        port = sock.getsockname()[1]
+        self.url = url_of(settings.metrics_host, port)
+        web_app = web.Application()
+        web_app.router.add_get("/metrics", self._metrics)
+        web_app.router.add_get("/healthz", self._healthz)
+        web_app.router.add_get("/readyz", self._readyz)
+        web_app.router.add_get("/status", self._status)
+        self._runner = web.AppRunner(web_app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        await web.SockSite(self._runner, sock).start()
+        note = RegisteredWorker(
+            worker_id=self.worker_id,
+            url=self.url,
+            pid=os.getpid(),
+            hostname=socket.gethostname(),
+            app_id=settings.app_id,
+            started_at_s=self._started_at_s,
+        )
+        try:
+            path = self.registry.register(note)
+        except OSError as exc:
+            # The registry only helps `status` find the worker; the worker runs without it.
+            log.warning(
+                "metrics and health at %s; could not note it in %s (%s), so "
+                "`trace-processor status` needs --url %s",
+                self.url,
+                self.registry.directory,
+                exc,
+                self.url,
+            )
+        else:
+            log.info("metrics and health at %s (noted in %s)", self.url, path)
+
+    async def on_started(self) -> None:
+        self.add_future(self._probe_forever())
+        self.add_future(self._sweep_forever())
+
+    async def _probe_forever(self) -> None:
+        interval = self.settings.health_check_interval_s
+        while not self.should_stop:
+            await self.dependencies.check_all()
+            await asyncio.sleep(interval)
+
+    async def _sweep_forever(self) -> None:
+        while not self.should_stop:
+            self.collector.sweep()
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+
+    async def on_stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self.registry.unregister(self.worker_id)
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self.dependencies.close()
+
+
+def _json(body: Mapping[str, Any], status: int) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(body, default=str), status=status, content_type="application/json"
+    )
+
+
+def _version() -> str:
+    try:
+        return metadata.version("agent-trace-processor")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def install_observability(
+    app: faust.App,
+    settings: WorkerSettings,
+    *,
+    stage1: Stage1View,
+    stage2: Stage2View,
+    forwarder: SpanForwarder | None,
+    ledger: CommitLedger,
+    writer: RollupWriter | None = None,
+) -> ObservabilityService:
+    """Add the metrics, health and status server to ``app`` (call in ``create_app``).
+
+    It starts before the Kafka consumer and stops after it, so ``/readyz`` says 503 while the
+    worker joins its group or shuts down instead of refusing connections.
+    """
+    service = ObservabilityService(
+        app=app,
+        settings=settings,
+        stage1=stage1,
+        stage2=stage2,
+        forwarder=forwarder,
+        ledger=ledger,
+        writer=writer,
+    )
+    app.add_dependency(service)
+    return service
