@@ -39,6 +39,8 @@ def test_partial_and_progress_records_match_the_json_schema() -> None:
 
 
 def test_every_metric_written_to_mlflow_is_documented() -> None:
-    documented = set(re.findall(r"^\| `([a-z0-9_]+)` \|", (SCHEMAS / "metrics.md").read_text(), re.M))
+    documented = set(
+        re.findall(r"^\| `([a-z0-9_]+)` \|", (SCHEMAS / "metrics.md").read_text(), re.M)
+    )
     final = FinalRollup(SeriesKey("coder"), 0, 60_000, _aggregate(), (0, 1), complete=True)
     assert set(final.metrics()) == documented
