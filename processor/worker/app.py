@@ -161,7 +161,7 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
             "sampling": sampling.summary() if sampling is not None else "all spans",
         },
         dimension_names=settings.dimension_attributes,
-        phoenix_url=settings.phoenix_collector_endpoint,
+        phoenix_url=settings.phoenix_public_url or settings.phoenix_collector_endpoint,
     )
     stage2 = Stage2(
         source_partitions=source_partitions or settings.spans_partitions,
