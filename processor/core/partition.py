@@ -167,9 +167,14 @@ class PartitionAggregator:
         if self.sampler is not None:
             self._count_decisions(self.sampler.advance(watermark_ms))
         candidate = window_start(watermark_ms, self._size)
-        waiting_end = self.assembler.earliest_pending_end_ms()
-        if waiting_end is not None:
-            candidate = min(candidate, window_start(waiting_end, self._size))
+        # A window stays open while a span in it waits for its parent's attribution or for
+        # its trace's sampling decision: it then reports its own sampled and dropped spans.
+        waiting_ends = [self.assembler.earliest_pending_end_ms()]
+        if self.sampler is not None:
+            waiting_ends.append(self.sampler.earliest_buffered_end_ms())
+        for waiting_end in waiting_ends:
+            if waiting_end is not None:
+                candidate = min(candidate, window_start(waiting_end, self._size))
         if self.closed_until_ms is not None and candidate <= self.closed_until_ms:
             return
         self.closed_until_ms = candidate
