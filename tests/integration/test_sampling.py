@@ -49,7 +49,7 @@ def test_errors_and_slow_traces_reach_phoenix_and_counts_stay_exact(
         expected = {(r["agent"], r["window_start_ms"] // WINDOW_MS): r for r in truth.rollups}
         found = poll_until(
             lambda: (
-                (f if all(k in f for k in expected) else None)
+                (f if all("spans" in f.get(k, {}) for k in expected) else None)
                 if (f := mlflow_rollups(stack.mlflow_url, unique_name))
                 else None
             ),
