@@ -16,5 +16,5 @@ test: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet uv
-	$(VENV)/bin/uv pip install --quiet --python $(VENV)/bin/python -e ".[stack,test]"
+	$(VENV)/bin/uv pip install --quiet --python $(VENV)/bin/python -e ".[stack,test,agents,examples]"
 	touch $(STAMP)

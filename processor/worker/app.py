@@ -28,6 +28,7 @@ from processor.worker.stage2 import Stage2
 log = logging.getLogger(__name__)
 
 TICK_INTERVAL_S = 0.5
+MAX_DEAD_LETTER_BYTES = 512 * 1024
 
 
 def _headers_of(raw: Any) -> dict[str, bytes]:
@@ -87,17 +88,19 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
         await partials_topic.send(key=key, value=value, partition=partition)
 
     async def send_dead_letter(letter: DeadLetter) -> None:
-        await dead_letter_topic.send(
-            key=letter.key,
-            value=letter.value,
-            headers={
-                "reason": letter.reason.encode(),
-                "detail": letter.detail[:1000].encode(),
-                "source.topic": settings.spans_topic.encode(),
-                "source.partition": str(letter.source_partition).encode(),
-                "source.offset": str(letter.source_offset).encode(),
-            },
-        )
+        headers = {
+            "reason": letter.reason.encode(),
+            "detail": letter.detail[:1000].encode(),
+            "source.topic": settings.spans_topic.encode(),
+            "source.partition": str(letter.source_partition).encode(),
+            "source.offset": str(letter.source_offset).encode(),
+        }
+        value = letter.value
+        if len(value) > MAX_DEAD_LETTER_BYTES:
+            # Kafka would refuse it; the source.* headers point at the original message.
+            headers["value.omitted_bytes"] = str(len(value)).encode()
+            value = b""
+        await dead_letter_topic.send(key=letter.key, value=value, headers=headers)
 
     async def phoenix_refused(batch: ForwardedBatch, result: ExportResult) -> None:
         # Phoenix refused the batch for good (a 4xx other than 408/429): keep it, with why.
@@ -208,6 +211,8 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
             stage2.handle(message.partition, message.offset, value or b"")
 
     def caught_up(partition: int) -> bool:
+        # Caught up means stage 1 has *handled* everything up to the partition's end, not
+        # merely that faust has fetched it: a busy worker's queued messages are not idle time.
         tp = TP(settings.spans_topic, partition)
         try:
             highwater = app.consumer.highwater(tp)
@@ -215,11 +220,10 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
             return False
         if highwater is None:
             return False
-        consumer: Any = app.consumer  # faust's public API has no "position handed to streams"
-        read = consumer._read_offset.get(tp)  # last offset handed to the stream
-        committed = consumer._committed_offset.get(tp)
-        position = max(read + 1 if read is not None else 0, committed or 0)
-        return position >= highwater
+        handled = stage1.next_offset(partition)
+        if handled is None:  # nothing handled and no checkpoint: only an empty partition
+            handled = 0
+        return handled >= highwater
 
     @app.timer(TICK_INTERVAL_S)
     async def stage1_tick() -> None:

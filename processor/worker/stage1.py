@@ -26,6 +26,7 @@ from processor.worker.forwarding import SpanForwarder
 log = logging.getLogger(__name__)
 
 MIN_TRACE_TTL_MS = 10_000
+MAX_CLOCK_SKEW_MS = 5 * 60 * 1000
 
 SendRecord = Callable[[bytes, bytes, int | None], Awaitable[None]]  # key, value, partition
 
@@ -120,6 +121,10 @@ class Stage1:
         aggregator.watermark.touch(self._clock())
         self.partitions[partition] = aggregator
 
+    def next_offset(self, partition: int) -> int | None:
+        """The offset after the last message handled (or the checkpoint's, before any)."""
+        return self._next_offset.get(partition)
+
     def revoke_all(self) -> None:
         # Every rebalance restarts each partition at its committed offset, here or elsewhere:
         # the state is rebuilt from the checkpoint and the replay.
@@ -158,6 +163,23 @@ class Stage1:
             aggregator.watermark.touch(self._clock())
             await self._dead_letter(payload, exc.reason, exc.detail, partition, offset, key)
             return
+        now_ms = self._clock()
+        future = [span for span in decoded.spans if span.end_ms > now_ms + MAX_CLOCK_SKEW_MS]
+        if future:
+            # One span from a clock far ahead would drag the watermark along and make every
+            # later span of the partition late: it is the input's fault, so a dead letter.
+            decoded.spans = [
+                span for span in decoded.spans if span.end_ms <= now_ms + MAX_CLOCK_SKEW_MS
+            ]
+            decoded.rejected.extend(
+                RejectedSpan(
+                    "end_in_future",
+                    f"ends {span.end_ms - now_ms} ms after this worker's clock",
+                    span.pb,
+                    span.origin,
+                )
+                for span in future
+            )
         if decoded.rejected:
             await self._reject_spans(decoded.rejected, partition, offset, key)
         counters.spans += len(decoded.spans)

@@ -118,6 +118,8 @@ def test_metrics_move_under_loadgen_traffic_and_status_shows_the_worker(
         # Every span of a trace counts in its own window, as the truth has it.
         PROCESSOR_ALLOWED_LATENESS_MS=str(int(truth.max_trace_duration_ms) + 1_000),
         PROCESSOR_IDLE_TIMEOUT_MS="2000",
+        # every span to Phoenix, so the forwarding counters can be checked span for span
+        PROCESSOR_SAMPLING_PROBABILITY="1.0",
     )
     registry = WorkerRegistry(work_dir / "registry")
     worker = WorkerProcess(env, work_dir / "worker.log").start()
