@@ -29,7 +29,7 @@ from processor.stack.service_process import ServiceProcess
 
 _STOP_GRACE_S = 20.0
 _POLL_INTERVAL_S = 0.5
-_PORT_RELEASE_S = 5.0
+_PORT_RELEASE_S = 15.0  # a killed JVM can hold its port for seconds on a busy machine
 
 
 @dataclass(frozen=True)
@@ -239,10 +239,11 @@ class LocalStack:
             deadline = time.monotonic() + _PORT_RELEASE_S
             while not port_is_free(port):
                 holder = port_listener(port)
-                if holder is None and time.monotonic() < deadline:
-                    # Bound, but no one listens: the sockets of a process that has just exited
-                    # (a service we stopped or found dead), which the kernel frees in moments.
-                    time.sleep(0.1)
+                if time.monotonic() < deadline:
+                    # Bound, but no one listens, or a process that is going away: the sockets
+                    # of a service we just stopped or killed (a JVM takes a while to exit
+                    # under load); the kernel frees them in moments.
+                    time.sleep(0.2)
                     continue
                 by_whom = f" by {holder}" if holder is not None else ""
                 raise StackError(
