@@ -221,8 +221,10 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
         if highwater is None:
             return False
         handled = stage1.next_offset(partition)
-        if handled is None:  # nothing handled and no checkpoint: only an empty partition
-            handled = 0
+        if handled is None:
+            # Nothing handled since the assignment: then where the group's commit left it.
+            consumer: Any = app.consumer  # faust keeps it, but not in its public API
+            handled = consumer._committed_offset.get(tp) or 0
         return handled >= highwater
 
     @app.timer(TICK_INTERVAL_S)
