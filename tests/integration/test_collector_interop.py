@@ -283,7 +283,7 @@ def _assert_rollups_equal_truth(stack: StackEndpoints, run: Run) -> None:
         return {key: value for key, value in found.items() if not key[0].startswith(CLOSER)}
 
     with contextlib.suppress(AssertionError):  # below says which windows differ or lack
-        poll_until(all_windows_written, timeout_s=120, what="every window in MLflow")
+        poll_until(all_windows_written, timeout_s=240, what="every window in MLflow")
     # Let a window that should not exist (spans under a wrong agent) be written too.
     time.sleep(3)
     found = rollups()
