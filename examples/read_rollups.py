@@ -66,12 +66,12 @@ def window_record(run_id: str, step: int) -> dict[str, Any]:
     return mlflow.artifacts.load_dict(f"runs:/{run_id}/windows/{step}.json")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", default="agent-rollups")
     parser.add_argument("--agent")
     parser.add_argument("--day", help="UTC day, YYYY-MM-DD")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
     frame = read_rollups(args.experiment, agent=args.agent, day=args.day)

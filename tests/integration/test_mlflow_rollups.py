@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import random
-import sys
 import time
 import zlib
 from pathlib import Path
@@ -342,8 +341,7 @@ def test_the_example_reads_the_rollups_into_a_dataframe(
 
     # The script as an analyst runs it (in this process: importing pandas and MLflow again in
     # a subprocess costs more than everything else here).
-    monkeypatch.setattr(sys, "argv", ["read_rollups.py", "--experiment", unique_name])
-    _example_module().main()
+    _example_module().main(["--experiment", unique_name])
     printed = capsys.readouterr().out
     assert "coder" in printed and "critic" in printed
     assert f"{stack.phoenix_url}/redirects/traces/" in printed
