@@ -4,6 +4,12 @@ Every field is an integer count or sum (cost in 1e-9 USD), a latency sketch whos
 bucket counts, or a bounded exemplar list with a deterministic order. So ``merge`` is
 associative and commutative, and a partial rebuilt from the same spans serialises to the same
 bytes.
+
+Spans that an upstream sampler kept stand for more than one span (their adjusted count, from
+the ``th`` of their tracestate). The plain fields count spans as received; what the adjusted
+counts add on top is kept in ``upstream`` (counts in millionths of a span, tokens and cost in
+their own units, rounded per span), so data without upstream sampling gives exactly the
+integers it always did, and the metrics say when they are estimates (``counts_adjusted``).
 """
 
 from __future__ import annotations
@@ -11,10 +17,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from processor.core.sketch import LatencySketch
+from processor.core.sketch import WEIGHT_ONE, LatencySketch
 from processor.core.spans import COST_NANOS_PER_USD, NANOS_PER_MILLI
 
 MAX_EXEMPLARS = 3
+
+# Keys of ``WindowAggregate.upstream``: how many spans came sampled upstream, and the weight
+# above one they add. Counts are in millionths of a span (``WEIGHT_ONE``); tokens and cost
+# are in their own units, rounded per span.
+UPSTREAM_SPANS = "sampled_spans"
+_UPSTREAM_COUNTS = ("spans", "errors", "invocations", "llm_calls")
+_UPSTREAM_AMOUNTS = ("tokens_prompt", "tokens_completion", "tokens_total", "cost_nanos")
 
 
 @dataclass(slots=True)
@@ -36,6 +49,8 @@ class WindowAggregate:
     slowest: list[tuple[int, str]] = field(default_factory=list)
     # trace ids (hex) of failed spans, smallest first: any fixed order merges exactly
     failed: list[str] = field(default_factory=list)
+    # what upstream sampling adds to the counts above (see the module doc); empty without it
+    upstream: dict[str, int] = field(default_factory=dict)
 
     def add(
         self,
@@ -50,15 +65,25 @@ class WindowAggregate:
         tokens_total: int,
         cost_nanos: int,
         exemplars: bool = True,
+        extra_weight: int = 0,
     ) -> None:
         """Count one span. ``exemplars=False`` leaves the exemplar lists to ``note_exemplar``
-        (the caller then names only traces that Phoenix will have)."""
+        (the caller then names only traces that Phoenix will have). ``extra_weight`` is the
+        span's adjusted count minus one, in millionths: non-zero when sampled upstream."""
         self.spans += 1
         if is_error:
             self.errors += 1
+        if extra_weight:
+            self._add_upstream(
+                extra_weight,
+                is_error=is_error,
+                is_invocation=is_invocation,
+                is_llm=is_llm,
+                amounts=(tokens_prompt, tokens_completion, tokens_total, cost_nanos),
+            )
         if is_invocation:
             self.invocations += 1
-            self.latency.add(duration_ns / NANOS_PER_MILLI)
+            self.latency.add(duration_ns / NANOS_PER_MILLI, extra_weight)
             if duration_ns > self.latency_max_ns:
                 self.latency_max_ns = duration_ns
         if exemplars:
@@ -74,6 +99,29 @@ class WindowAggregate:
             self.tokens_completion += tokens_completion
             self.tokens_total += tokens_total
             self.cost_nanos += cost_nanos
+
+    def _add_upstream(
+        self,
+        extra_weight: int,
+        *,
+        is_error: bool,
+        is_invocation: bool,
+        is_llm: bool,
+        amounts: tuple[int, int, int, int],
+    ) -> None:
+        upstream = self.upstream
+        upstream[UPSTREAM_SPANS] = upstream.get(UPSTREAM_SPANS, 0) + 1
+        for name, applies in zip(
+            _UPSTREAM_COUNTS, (True, is_error, is_invocation, is_llm), strict=True
+        ):
+            if applies:
+                upstream[name] = upstream.get(name, 0) + extra_weight
+        if is_llm:
+            for name, amount in zip(_UPSTREAM_AMOUNTS, amounts, strict=True):
+                if amount:
+                    # rounded half up per span: integer sums merge exactly in any order
+                    extra = (amount * extra_weight + WEIGHT_ONE // 2) // WEIGHT_ONE
+                    upstream[name] = upstream.get(name, 0) + extra
 
     def note_exemplar(
         self, *, trace_id: bytes, duration_ns: int, is_error: bool, is_invocation: bool
@@ -102,22 +150,40 @@ class WindowAggregate:
             _keep_slowest(self.slowest, item)
         for trace in other.failed:
             _keep_smallest(self.failed, trace)
+        for name, value in other.upstream.items():
+            self.upstream[name] = self.upstream.get(name, 0) + value
 
     def metrics(self) -> dict[str, float]:
-        """The rollup's metric values, named as in ``schemas/metrics.md``."""
+        """The rollup's metric values, named as in ``schemas/metrics.md``.
+
+        With upstream sampling the counts, tokens and cost are estimates: sums of adjusted
+        counts (``counts_adjusted`` is 1). Bookkeeping counts stay counts of spans received."""
+        upstream = self.upstream
+
+        def count(name: str, plain: int) -> float:
+            # plain integers unless spans came sampled upstream
+            return plain + upstream[name] / WEIGHT_ONE if name in upstream else plain
+
+        def amount(name: str, plain: int) -> int:
+            return plain + upstream.get(name, 0)
+
+        spans = count("spans", self.spans)
+        errors = count("errors", self.errors)
         values: dict[str, float] = {
-            "spans": self.spans,
-            "errors": self.errors,
-            "error_rate": self.errors / self.spans if self.spans else 0.0,
-            "invocations": self.invocations,
-            "llm_calls": self.llm_calls,
-            "tokens_prompt": self.tokens_prompt,
-            "tokens_completion": self.tokens_completion,
-            "tokens_total": self.tokens_total,
-            "cost_usd": self.cost_nanos / COST_NANOS_PER_USD,
+            "spans": spans,
+            "errors": errors,
+            "error_rate": errors / spans if spans else 0.0,
+            "invocations": count("invocations", self.invocations),
+            "llm_calls": count("llm_calls", self.llm_calls),
+            "tokens_prompt": amount("tokens_prompt", self.tokens_prompt),
+            "tokens_completion": amount("tokens_completion", self.tokens_completion),
+            "tokens_total": amount("tokens_total", self.tokens_total),
+            "cost_usd": amount("cost_nanos", self.cost_nanos) / COST_NANOS_PER_USD,
             "late_spans": self.late_spans,
             "sampled_spans": self.sampled_spans,
             "dropped_spans": self.dropped_spans,
+            "upstream_sampled_spans": upstream.get(UPSTREAM_SPANS, 0),
+            "counts_adjusted": 1.0 if upstream else 0.0,
         }
         if self.invocations:
             for name, q in (
@@ -134,6 +200,13 @@ class WindowAggregate:
         return values
 
     def to_state(self) -> dict[str, Any]:
+        state = self._plain_state()
+        if self.upstream:  # absent without upstream sampling: such partials keep their bytes
+            state["upstream"] = dict(self.upstream)
+            state["latency_upstream"] = self.latency.extra_state() or [[0]]
+        return state
+
+    def _plain_state(self) -> dict[str, Any]:
         return {
             "spans": self.spans,
             "errors": self.errors,
@@ -158,7 +231,7 @@ class WindowAggregate:
             spans=state["spans"],
             errors=state["errors"],
             invocations=state["invocations"],
-            latency=LatencySketch.from_state(state["latency"]),
+            latency=LatencySketch.from_state(state["latency"], state.get("latency_upstream")),
             latency_max_ns=state["latency_max_ns"],
             llm_calls=state["llm_calls"],
             tokens_prompt=state["tokens_prompt"],
@@ -170,6 +243,7 @@ class WindowAggregate:
             dropped_spans=state["dropped_spans"],
             slowest=[(int(d), str(t)) for d, t in state["slowest"]],
             failed=list(state["failed"]),
+            upstream={str(name): int(value) for name, value in state.get("upstream", {}).items()},
         )
 
 

@@ -8,7 +8,11 @@ Reasons (stable, used as dead-letter headers and metric labels):
 ``empty_message``, ``message_too_large``, ``unsupported_content_type``, ``invalid_protobuf``,
 ``invalid_json``, ``not_otlp_traces``, ``too_many_spans``, ``missing_trace_id``,
 ``missing_span_id``, ``invalid_parent_span_id``, ``end_before_start``, ``attribute_too_large``,
-``absurd_value`` (a token count or cost no real call can have: it would overflow the sums).
+``absurd_value`` (a token count, cost or upstream sampling rate no real call can have: it
+would overflow the sums).
+
+A span whose tracestate carries an upstream sampling threshold (``ot=th:...``) gets its
+adjusted count as ``extra_weight``: its counts are scaled by it (rule 1 of the design).
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from processor.core import semconv
+from processor.core.sampling.threshold import MAX_ADJUSTED_COUNT, extra_weight
+from processor.core.sampling.tracestate import parse_tracestate
+from processor.core.sketch import WEIGHT_ONE
 from processor.core.spans import (
     COST_NANOS_PER_USD,
     DecodedMessage,
@@ -42,6 +49,10 @@ MAX_MESSAGE_BYTES = 64 << 20
 # sums of a window (the partial's JSON encoding cannot hold more).
 MAX_TOKENS_PER_SPAN = 1 << 40
 MAX_COST_USD_PER_SPAN = 1_000_000.0
+# A span kept upstream with a probability below 1/16384 would stand for so many spans that its
+# scaled tokens could overflow the sums; no agent system samples that thinly.
+MAX_UPSTREAM_ADJUSTED_COUNT = 1 << 14
+_MIN_UPSTREAM_KEPT = MAX_ADJUSTED_COUNT // MAX_UPSTREAM_ADJUSTED_COUNT
 _MAX_DIGITS = 20
 
 _ZERO_TRACE_ID = bytes(16)
@@ -286,6 +297,18 @@ def _record_of(
             return "absurd_value", f"cost {cost_usd:.6g} USD for one span"
         cost_nanos = round(cost_usd * COST_NANOS_PER_USD)
 
+    weight = 0
+    tracestate = span.trace_state
+    if "ot=" in tracestate:  # only then can it hold an upstream sampling threshold
+        threshold = parse_tracestate(tracestate).threshold
+        if threshold is not None and threshold != 0:
+            if MAX_ADJUSTED_COUNT - threshold < _MIN_UPSTREAM_KEPT:
+                return "absurd_value", (
+                    f"tracestate {tracestate!r} says the span was kept with a probability "
+                    f"below 1/{MAX_UPSTREAM_ADJUSTED_COUNT}"
+                )
+            weight = extra_weight(threshold, WEIGHT_ONE)
+
     dimensions: tuple[str, ...] = ()
     if config.dimension_attributes:
         dimensions = tuple(
@@ -306,9 +329,10 @@ def _record_of(
         tokens_total=total,
         cost_nanos=cost_nanos,
         dimensions=dimensions,
-        tracestate=span.trace_state,
+        tracestate=tracestate,
         origin=origin,
         pb=span,
+        extra_weight=weight,
     )
 
 

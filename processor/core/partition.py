@@ -266,6 +266,7 @@ class PartitionAggregator:
                 tokens_completion=span.tokens_completion,
                 tokens_total=span.tokens_total,
                 cost_nanos=span.cost_nanos,
+                extra_weight=span.extra_weight,
                 # With a sampler, exemplars are named when a trace is kept (``_count_decisions``)
                 exemplars=self.sampler is None,
             )

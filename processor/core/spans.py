@@ -49,6 +49,9 @@ class SpanRecord:
     tracestate: str
     origin: SpanOrigin
     pb: Span
+    # The upstream adjusted count minus one, in millionths (``sketch.WEIGHT_ONE``): non-zero
+    # for a span an upstream sampler kept with a probability below one (its tracestate's th).
+    extra_weight: int = 0
 
     @property
     def end_ms(self) -> int:

@@ -15,6 +15,7 @@ from processor.loadgen.publisher import PublishStats, ensure_topic, publish_trac
 from processor.loadgen.scenario import AgentProfile, Scenario, llm_cost_usd
 from processor.loadgen.traces import GeneratedTrace, TraceGenerator
 from processor.loadgen.truth import Rollup, Truth, TruthBuilder, lower_quantile, window_start_ms
+from processor.loadgen.upstream import UpstreamSampler
 
 __all__ = [
     "AgentProfile",
@@ -26,6 +27,7 @@ __all__ = [
     "TraceGenerator",
     "Truth",
     "TruthBuilder",
+    "UpstreamSampler",
     "ensure_topic",
     "llm_cost_usd",
     "lower_quantile",

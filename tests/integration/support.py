@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -137,7 +137,7 @@ def phoenix_span_ids(phoenix_url: str, project: str) -> list[str]:
 
 
 def mlflow_rollups(
-    mlflow_url: str, experiment_name: str
+    mlflow_url: str, experiment_name: str, metrics: Sequence[str] = ROLLUP_METRICS
 ) -> dict[tuple[str, int], dict[str, float]]:
     """{(agent, window step): {metric: value}} for every run of the experiment.
 
@@ -151,7 +151,7 @@ def mlflow_rollups(
     found: dict[tuple[str, int], dict[str, float]] = {}
     for run in _all_runs(client, experiment.experiment_id):
         agent = run.data.tags["agent"]
-        for metric in ROLLUP_METRICS:
+        for metric in metrics:
             for point in client.get_metric_history(run.info.run_id, metric):
                 found.setdefault((agent, point.step), {})[metric] = point.value
     return found

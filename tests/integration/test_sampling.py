@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from processor.loadgen import Scenario, TraceGenerator, Truth, publish_traces
+from processor.loadgen import Scenario, TraceGenerator, Truth, UpstreamSampler, publish_traces
 from processor.stack import StackEndpoints
 from tests.integration.support import (
     WorkerProcess,
@@ -96,3 +96,70 @@ def test_errors_and_slow_traces_reach_phoenix_and_counts_stay_exact(
     finally:
         worker.stop()
     assert "Traceback" not in worker.log(), worker.log()[-3000:]
+
+
+def test_spans_sampled_upstream_count_with_their_adjusted_count(
+    stack: StackEndpoints, unique_name: str, work_dir: Path
+) -> None:
+    """Agents whose SDK keeps 25% of traces (th:c, adjusted count 4): MLflow reports 4 for
+    every span received, says the counts are adjusted, and lands near the real traffic."""
+    start_ms = (time.time_ns() // 1_000_000) - 20 * 60 * 1000
+    scenario = Scenario(agents=4, seed=47, latency_scale=0.2)
+    produced = list(TraceGenerator(scenario, start_ms=start_ms, rate=5.0).generate(800))
+    sampler = UpstreamSampler(0.25)
+    assert sampler.th == "c"
+    published = [kept for trace in produced if (kept := sampler.sample(trace)) is not None]
+    received = Truth.from_traces(published, window_size_ms=WINDOW_MS)
+    population = Truth.from_traces(produced, window_size_ms=WINDOW_MS)
+    env = worker_env(
+        stack,
+        name=unique_name,
+        data_dir=work_dir / "faust",
+        PROCESSOR_WINDOW_SIZE_MS=str(WINDOW_MS),
+        PROCESSOR_ALLOWED_LATENESS_MS=str(int(received.max_trace_duration_ms) + 1_000),
+        PROCESSOR_IDLE_TIMEOUT_MS="2000",
+    )
+    asyncio.run(
+        publish_traces(
+            published, bootstrap=stack.kafka_bootstrap, topic=env["PROCESSOR_SPANS_TOPIC"]
+        )
+    )
+    worker = WorkerProcess(env, work_dir / "worker.log").start()
+    metrics = (
+        "spans",
+        "errors",
+        "invocations",
+        "llm_calls",
+        "tokens_total",
+        "upstream_sampled_spans",
+        "counts_adjusted",
+    )
+    try:
+        expected = {(r["agent"], r["window_start_ms"] // WINDOW_MS): r for r in received.rollups}
+
+        def every_window() -> dict[tuple[str, int], dict[str, float]] | None:
+            found = mlflow_rollups(stack.mlflow_url, unique_name, metrics)
+            return found if all("counts_adjusted" in found.get(k, {}) for k in expected) else None
+
+        found = poll_until(
+            every_window,
+            timeout_s=180,
+            what="every window in MLflow",
+        )
+    finally:
+        worker.stop()
+    assert "Traceback" not in worker.log(), worker.log()[-3000:]
+    for key, want in expected.items():
+        got = found[key]
+        assert got["counts_adjusted"] == 1, key
+        assert got["upstream_sampled_spans"] == want["spans"], key
+        for metric in ("spans", "errors", "invocations", "llm_calls", "tokens_total"):
+            assert got[metric] == 4 * want[metric], (key, metric)  # type: ignore[literal-required]
+    # Unbiased: the estimate of all spans lands near what the agents really produced.
+    estimated = sum(found[key]["spans"] for key in expected)
+    produced_spans = sum(r["spans"] for r in population.rollups)
+    kept_share_sd = (0.25 * 0.75 / len(produced)) ** 0.5 / 0.25
+    assert abs(estimated / produced_spans - 1) < 5 * kept_share_sd + 0.05, (
+        estimated,
+        produced_spans,
+    )

@@ -24,6 +24,7 @@ from processor.loadgen import (
     Scenario,
     TraceGenerator,
     Truth,
+    UpstreamSampler,
     llm_cost_usd,
     lower_quantile,
     window_start_ms,
@@ -446,3 +447,18 @@ def test_realtime_traces_keep_the_rate_and_end_at_the_wall_clock() -> None:
     traces = asyncio.run(collect())
     assert len(traces) == 8  # 2 s at 4 traces/s
     assert [t.end_ms for t in traces] == [ALIGNED_START_MS + 250 * i for i in range(8)]
+
+
+def test_upstream_sampling_keeps_whole_traces_by_trace_id_and_marks_their_th() -> None:
+    traces = list(TraceGenerator(Scenario(seed=5), start_ms=ALIGNED_START_MS).generate(2_000))
+    sampler = UpstreamSampler(0.25)
+    kept = [s for t in traces if (s := sampler.sample(t)) is not None]
+    sigma = math.sqrt(len(traces) * 0.25 * 0.75)
+    assert abs(len(kept) - 0.25 * len(traces)) < 4 * sigma
+    again = [s for t in traces if (s := UpstreamSampler(0.25).sample(t)) is not None]
+    assert [t.trace_id for t in again] == [t.trace_id for t in kept]  # consistent
+    for trace in kept[:50]:
+        request = ExportTraceServiceRequest.FromString(trace.payload)
+        spans = [s for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans]
+        assert len(spans) == trace.span_count
+        assert {s.trace_state for s in spans} == {"ot=th:c"}

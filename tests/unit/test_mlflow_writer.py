@@ -30,7 +30,7 @@ WINDOW_MS = 60_000
 MAY_1 = 1_714_521_600_000  # 2024-05-01T00:00:00Z
 
 
-def _aggregate(invocations: int, errors: int) -> WindowAggregate:
+def _aggregate(invocations: int, errors: int, extra_weight: int = 0) -> WindowAggregate:
     aggregate = WindowAggregate()
     for i in range(max(invocations, errors, 1)):
         aggregate.add(
@@ -43,6 +43,7 @@ def _aggregate(invocations: int, errors: int) -> WindowAggregate:
             tokens_completion=5,
             tokens_total=15,
             cost_nanos=1200,
+            extra_weight=extra_weight,
         )
     return aggregate
 
@@ -58,22 +59,27 @@ def _writer(**kwargs: object) -> RollupWriter:
 
 
 @pytest.mark.parametrize(
-    ("invocations", "errors", "dimensions", "phoenix_url"),
+    ("invocations", "errors", "dimensions", "phoenix_url", "extra_weight"),
     [
-        (5, 2, ("gpt-4o",), "http://phoenix.internal:6006/v1/traces"),
-        (0, 1, (), "https://phoenix.example.com/"),  # no invocation: no latency in the record
-        (1, 0, ("gpt-4o", "eu"), None),  # no Phoenix: exemplars without links
+        (5, 2, ("gpt-4o",), "http://phoenix.internal:6006/v1/traces", 0),
+        (0, 1, (), "https://phoenix.example.com/", 0),  # no invocation: no latency in the record
+        (1, 0, ("gpt-4o", "eu"), None, 0),  # no Phoenix: exemplars without links
+        (3, 1, (), None, 8_999_390),  # sampled upstream at 10%: estimated counts
     ],
 )
 def test_window_record_matches_its_json_schema(
-    invocations: int, errors: int, dimensions: tuple[str, ...], phoenix_url: str | None
+    invocations: int,
+    errors: int,
+    dimensions: tuple[str, ...],
+    phoenix_url: str | None,
+    extra_weight: int,
 ) -> None:
     writer = _writer(dimension_names=["llm.model_name", "region"], phoenix_url=phoenix_url)
     rollup = FinalRollup(
         SeriesKey("coder", dimensions),
         MAY_1 + 5 * WINDOW_MS,
         WINDOW_MS,
-        _aggregate(invocations, errors),
+        _aggregate(invocations, errors, extra_weight),
         (0, 1),
         complete=True,
     )

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import jsonschema
 import orjson
+import pytest
 
 from processor.core.aggregate import WindowAggregate
 from processor.core.rollup import FinalRollup, PartialRollup, PartitionProgress, SeriesKey
@@ -14,7 +15,8 @@ from processor.core.rollup import FinalRollup, PartialRollup, PartitionProgress,
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 
 
-def _aggregate() -> WindowAggregate:
+def _aggregate(upstream: bool = False) -> WindowAggregate:
+    """Five spans; with ``upstream``, the LLM ones came sampled at 50% upstream."""
     aggregate = WindowAggregate()
     for i in range(5):
         aggregate.add(
@@ -27,13 +29,16 @@ def _aggregate() -> WindowAggregate:
             tokens_completion=5,
             tokens_total=15,
             cost_nanos=1200,
+            extra_weight=1_000_000 if upstream and i % 2 == 0 else 0,
         )
     return aggregate
 
 
-def test_partial_and_progress_records_match_the_json_schema() -> None:
+@pytest.mark.parametrize("upstream", [False, True])
+def test_partial_and_progress_records_match_the_json_schema(upstream: bool) -> None:
     schema = orjson.loads((SCHEMAS / "partial-rollup.schema.json").read_bytes())
-    partial = PartialRollup(SeriesKey("coder", ("gpt-4o",)), 60_000, 60_000, 3, _aggregate())
+    aggregate = _aggregate(upstream)
+    partial = PartialRollup(SeriesKey("coder", ("gpt-4o",)), 60_000, 60_000, 3, aggregate)
     jsonschema.validate(orjson.loads(partial.to_bytes()), schema)
     jsonschema.validate(orjson.loads(PartitionProgress(3, 120_000).to_bytes()), schema)
 

@@ -90,3 +90,13 @@ def adjusted_count(threshold: int) -> float:
     if not 0 <= threshold < MAX_ADJUSTED_COUNT:
         raise ValueError(f"no item is kept at threshold {threshold!r}")
     return MAX_ADJUSTED_COUNT / (MAX_ADJUSTED_COUNT - threshold)
+
+
+def extra_weight(threshold: int, unit: int) -> int:
+    """The adjusted count at ``threshold`` minus one, in ``1/unit`` parts, rounded half up:
+    what one kept item adds on top of itself when counts are scaled. Exact integer arithmetic,
+    so every worker computes the same value."""
+    if not 0 <= threshold < MAX_ADJUSTED_COUNT:
+        raise ValueError(f"no item is kept at threshold {threshold!r}")
+    kept = MAX_ADJUSTED_COUNT - threshold
+    return (2 * MAX_ADJUSTED_COUNT * unit + kept) // (2 * kept) - unit
