@@ -13,7 +13,14 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from processor.core.sampling import SamplingPolicy
@@ -71,6 +78,21 @@ class WorkerSettings(BaseSettings):
     )
     spans_partitions: int = Field(
         default=4, ge=1, description="Partitions of the spans topic when the worker creates it."
+    )
+    repartition_by_trace_id: bool = Field(
+        default=False,
+        description=(
+            "Set when producers do not key messages by trace id (a Collector's Kafka exporter "
+            "without partition_traces_by_id): messages are split per trace and rekeyed through "
+            "the repartition topic before trace assembly."
+        ),
+    )
+    repartition_topic: str | None = Field(
+        default=None,
+        description=(
+            "Topic of the repartition by trace id, with as many partitions as the spans topic "
+            "[default: the spans topic + `.by_trace_id`]."
+        ),
     )
     partials_partitions: int = Field(
         default=4, ge=1, description="Partitions of the partials topic when the worker creates it."
@@ -285,6 +307,27 @@ class WorkerSettings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError(f"expected an http(s):// URL, got {value!r}")
         return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _topics_are_distinct(self) -> WorkerSettings:
+        if self.repartition_topic is None:
+            self.repartition_topic = f"{self.spans_topic}.by_trace_id"
+        topics = [self.spans_topic, self.dead_letter_topic, self.partials_topic]
+        if self.repartition_by_trace_id:
+            topics.append(self.repartition_topic)
+        if len(set(topics)) != len(topics):
+            raise ValueError(
+                "the spans, dead-letter, partials and repartition topics must all differ, "
+                f"got {topics}"
+            )
+        return self
+
+    @property
+    def stage1_topic(self) -> str:
+        """The topic trace assembly reads: the repartition topic when repartitioning."""
+        if self.repartition_by_trace_id and self.repartition_topic is not None:
+            return self.repartition_topic
+        return self.spans_topic
 
     @property
     def phoenix_traces_url(self) -> str:

@@ -53,17 +53,21 @@ class Checkpoint:
     watermark_ms: int | None
     closed_until_ms: int | None
     sent_until_ms: int | None  # windows ending at or before this are out already
+    # With the repartition by trace id: the last piece taken from each stage-0 source
+    # partition, (partition, offset, piece), so a replay drops the same duplicates.
+    sources: tuple[tuple[int, int, int], ...] = ()
 
     def encode(self) -> str:
-        return orjson.dumps(
-            {
-                "v": 1,
-                "max_event_ms": self.max_event_ms,
-                "watermark_ms": self.watermark_ms,
-                "closed_until_ms": self.closed_until_ms,
-                "sent_until_ms": self.sent_until_ms,
-            }
-        ).decode()
+        data: dict[str, Any] = {
+            "v": 1,
+            "max_event_ms": self.max_event_ms,
+            "watermark_ms": self.watermark_ms,
+            "closed_until_ms": self.closed_until_ms,
+            "sent_until_ms": self.sent_until_ms,
+        }
+        if self.sources:
+            data["sources"] = [list(mark) for mark in self.sources]
+        return orjson.dumps(data).decode()
 
     @classmethod
     def decode(cls, offset: int, text: str) -> Checkpoint | None:
@@ -80,6 +84,7 @@ class Checkpoint:
             watermark_ms=data.get("watermark_ms"),
             closed_until_ms=data.get("closed_until_ms"),
             sent_until_ms=data.get("sent_until_ms"),
+            sources=tuple((int(p), int(o), int(i)) for p, o, i in data.get("sources", ())),
         )
 
 

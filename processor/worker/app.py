@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import faust
@@ -22,6 +22,7 @@ from processor.sinks.phoenix import ExportResult, PhoenixExporter, RetryPolicy
 from processor.worker.commits import CheckpointingTransport, CommitLedger, committed_metadata
 from processor.worker.forwarding import ForwardedBatch, SpanForwarder
 from processor.worker.observability import install_observability
+from processor.worker.stage0 import Repartitioner
 from processor.worker.stage1 import DeadLetter, Stage1
 from processor.worker.stage2 import Stage2
 
@@ -74,6 +75,17 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
         key_serializer="raw",
         partitions=settings.spans_partitions,
     )
+    # Trace assembly reads the spans topic, or the repartition topic that stage 0 fills.
+    stage1_topic = (
+        app.topic(
+            settings.stage1_topic,
+            value_serializer="raw",
+            key_serializer="raw",
+            partitions=settings.spans_partitions,
+        )
+        if settings.repartition_by_trace_id
+        else spans_topic
+    )
     partials_topic = app.topic(
         settings.partials_topic,
         value_serializer="raw",
@@ -87,20 +99,23 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
     async def send_partial(key: bytes, value: bytes, partition: int | None) -> None:
         await partials_topic.send(key=key, value=value, partition=partition)
 
-    async def send_dead_letter(letter: DeadLetter) -> None:
-        headers = {
-            "reason": letter.reason.encode(),
-            "detail": letter.detail[:1000].encode(),
-            "source.topic": settings.spans_topic.encode(),
-            "source.partition": str(letter.source_partition).encode(),
-            "source.offset": str(letter.source_offset).encode(),
-        }
-        value = letter.value
-        if len(value) > MAX_DEAD_LETTER_BYTES:
-            # Kafka would refuse it; the source.* headers point at the original message.
-            headers["value.omitted_bytes"] = str(len(value)).encode()
-            value = b""
-        await dead_letter_topic.send(key=letter.key, value=value, headers=headers)
+    def dead_letter_sender(source_topic: str) -> Callable[[DeadLetter], Awaitable[None]]:
+        async def send_dead_letter(letter: DeadLetter) -> None:
+            headers = {
+                "reason": letter.reason.encode(),
+                "detail": letter.detail[:1000].encode(),
+                "source.topic": source_topic.encode(),
+                "source.partition": str(letter.source_partition).encode(),
+                "source.offset": str(letter.source_offset).encode(),
+            }
+            value = letter.value
+            if len(value) > MAX_DEAD_LETTER_BYTES:
+                # Kafka would refuse it; the source.* headers point at the original message.
+                headers["value.omitted_bytes"] = str(len(value)).encode()
+                value = b""
+            await dead_letter_topic.send(key=letter.key, value=value, headers=headers)
+
+        return send_dead_letter
 
     async def phoenix_refused(batch: ForwardedBatch, result: ExportResult) -> None:
         # Phoenix refused the batch for good (a 4xx other than 408/429): keep it, with why.
@@ -152,8 +167,9 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
         forwarder=forwarder,
         sampling=sampling,
         send_partial=send_partial,
-        send_dead_letter=send_dead_letter,
+        send_dead_letter=dead_letter_sender(settings.stage1_topic),
         clock=wall_clock_ms,
+        repartitioned=settings.repartition_by_trace_id,
     )
     rollup_writer = RollupWriter(
         tracking_uri=settings.mlflow_tracking_uri,
@@ -185,7 +201,34 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
         writer=rollup_writer,
     )
 
-    @app.agent(spans_topic, name="stage1")
+    if settings.repartition_by_trace_id:
+
+        async def send_piece(key: bytes, value: bytes, headers: dict[str, bytes]) -> None:
+            # No partition: the producer's default partitioner hashes the trace-id key, as
+            # for every keyed producer, so all pieces of a trace meet on one partition.
+            await stage1_topic.send(key=key, value=value, headers=headers)
+
+        repartitioner = Repartitioner(
+            send_piece=send_piece,
+            send_dead_letter=dead_letter_sender(settings.spans_topic),
+            dead_letter_counters=stage1.counters,
+        )
+        app.stage0 = repartitioner  # type: ignore[attr-defined]
+
+        @app.agent(spans_topic, name="stage0")
+        async def stage0_agent(stream: Any) -> None:
+            # Acknowledged as read: faust flushes the producer (the pieces) before it commits.
+            async for event in stream.events():
+                message = event.message
+                await repartitioner.handle(
+                    message.partition,
+                    message.offset,
+                    message.key,
+                    message.value,
+                    _headers_of(message.headers),
+                )
+
+    @app.agent(stage1_topic, name="stage1")
     async def stage1_agent(stream: Any) -> None:  # faust.Stream; its stub lacks noack()
         async for event in stream.noack().events():
             message = event.message
@@ -213,7 +256,7 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
     def caught_up(partition: int) -> bool:
         # Caught up means stage 1 has *handled* everything up to the partition's end, not
         # merely that faust has fetched it: a busy worker's queued messages are not idle time.
-        tp = TP(settings.spans_topic, partition)
+        tp = TP(settings.stage1_topic, partition)
         try:
             highwater = app.consumer.highwater(tp)
         except Exception:  # not assigned (any more) or no fetch yet
@@ -231,7 +274,7 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
     async def stage1_tick() -> None:
         for partition, checkpoint in (await stage1.tick(caught_up)).items():
             ledger.release(
-                TP(settings.spans_topic, partition), checkpoint.offset, checkpoint.encode()
+                TP(settings.stage1_topic, partition), checkpoint.offset, checkpoint.encode()
             )
 
     # Separate from stage 1's timer: a slow MLflow must not hold back watermarks.
@@ -264,12 +307,13 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
         stage1.revoke_all()
         stage2.revoke_all()
         if forwarder is not None:
-            forwarder.forget(tp.partition for tp in revoked if tp.topic == settings.spans_topic)
+            forwarder.forget(tp.partition for tp in revoked if tp.topic == settings.stage1_topic)
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def on_assigned(app: faust.App, assigned: set[TP], **kwargs: Any) -> None:
+        # Stage 0's partitions need no state: faust resumes them at the committed offset.
         ours = [
-            tp for tp in assigned if tp.topic in (settings.spans_topic, settings.partials_topic)
+            tp for tp in assigned if tp.topic in (settings.stage1_topic, settings.partials_topic)
         ]
         committed = await committed_metadata(
             settings.kafka_bootstrap_servers, settings.app_id, ours
@@ -283,7 +327,7 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
                     tp,
                     offset,
                 )
-            if tp.topic == settings.spans_topic:
+            if tp.topic == settings.stage1_topic:
                 stage1.assign(
                     tp.partition, Checkpoint.decode(offset, metadata) if metadata else None
                 )
@@ -334,7 +378,7 @@ def run_worker(settings: WorkerSettings, argv: Sequence[str] = ()) -> None:
 
     logging_config = configure_logging(settings)
     counts = asyncio.run(ensure_topics(settings))
-    app = create_app(settings, source_partitions=counts.get(settings.spans_topic))
+    app = create_app(settings, source_partitions=counts.get(settings.stage1_topic))
     # mode replaces the root logger's handlers when the worker starts: hand it ours.
     worker = faust.Worker(
         app, loglevel=settings.log_level.upper(), quiet=True, logging_config=logging_config

@@ -645,7 +645,9 @@ class ObservabilityService(mode.Service):
         self._stage1 = stage1
         self._stage2 = stage2
         self._ledger = ledger
-        self._topics = (settings.spans_topic, settings.partials_topic)
+        self._topics = tuple(
+            dict.fromkeys((settings.spans_topic, settings.stage1_topic, settings.partials_topic))
+        )
         if probes is None:
             probes = [MlflowProbe(tracking_uri=settings.mlflow_tracking_uri)]
             if settings.phoenix_enabled:
@@ -713,17 +715,23 @@ class ObservabilityService(mode.Service):
 
     def group_state(self) -> GroupState:
         app = self.app
+        settings = self.settings
+        assigned = self.assignment()
+        restored = restored_partitions(
+            spans_topic=settings.stage1_topic,
+            partials_topic=settings.partials_topic,
+            stage1_partitions=list(self._stage1.partitions),
+            stage2_partitions=list(self._stage2.mergers),
+        )
+        if settings.repartition_by_trace_id:
+            # Stage 0 keeps no state: its partitions are ready once assigned.
+            restored |= {tp for tp in assigned if tp[0] == settings.spans_topic}
         return GroupState(
             joined=app.rebalancing_count > 0,
             rebalancing=bool(app.rebalancing),
             stopping=bool(app.should_stop or self.should_stop),
-            assigned=self.assignment(),
-            restored=restored_partitions(
-                spans_topic=self.settings.spans_topic,
-                partials_topic=self.settings.partials_topic,
-                stage1_partitions=list(self._stage1.partitions),
-                stage2_partitions=list(self._stage2.mergers),
-            ),
+            assigned=assigned,
+            restored=restored,
         )
 
     def readiness(self) -> ReadinessReport:
@@ -753,7 +761,7 @@ class ObservabilityService(mode.Service):
             **report.as_dict(),
             "dependencies": self.dependencies.as_dict(),
             "topics": {
-                "spans": self.settings.spans_topic,
+                "spans": self.settings.stage1_topic,
                 "partials": self.settings.partials_topic,
             },
             "assignment": assignment,

@@ -9,12 +9,13 @@ from __future__ import annotations
 import logging
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from processor.clock import Clock
 from processor.core.attribution import TraceAssembler
 from processor.core.decoding import decode_request, extract_spans
 from processor.core.partition import AdvanceResult, Checkpoint, PartitionAggregator
+from processor.core.repartition import SOURCE_HEADER, SourceMarks, parse_source_tag
 from processor.core.rollup import PartialRollup, PartitionProgress
 from processor.core.sampling import SamplingPolicy, TraceSampler, mark_forwarded
 from processor.core.semconv import ExtractionConfig
@@ -55,6 +56,7 @@ class Stage1Counters:
     spans_by_partition: dict[int, int] = field(default_factory=dict)
     dead_letters_by_reason: dict[str, int] = field(default_factory=dict)
     skipped_messages: int = 0
+    duplicate_pieces: int = 0  # repartition pieces a stage-0 replay sent again: dropped
 
 
 def partials_partition_of(agent: str, partitions: int) -> int:
@@ -78,6 +80,7 @@ class Stage1:
         send_partial: SendRecord,
         send_dead_letter: SendDeadLetter,
         clock: Clock,
+        repartitioned: bool = False,
     ) -> None:
         self._window_size_ms = window_size_ms
         self._allowed_lateness_ms = allowed_lateness_ms
@@ -95,6 +98,9 @@ class Stage1:
         self._clock = clock
         self.partitions: dict[int, PartitionAggregator] = {}
         self._next_offset: dict[int, int] = {}
+        # Reading the repartition topic: the stage-0 pieces taken, per partition.
+        self._repartitioned = repartitioned
+        self._marks: dict[int, SourceMarks] = {}
         self.counters = Stage1Counters()
 
     def assign(self, partition: int, checkpoint: Checkpoint | None) -> None:
@@ -116,6 +122,7 @@ class Stage1:
         if checkpoint is not None:
             aggregator.restore(checkpoint)
             self._next_offset[partition] = checkpoint.offset
+        self._marks[partition] = SourceMarks(checkpoint.sources if checkpoint else ())
         # The idle timeout counts from the assignment: a partition just taken over has not had
         # the chance to deliver anything yet.
         aggregator.watermark.touch(self._clock())
@@ -130,6 +137,7 @@ class Stage1:
         # the state is rebuilt from the checkpoint and the replay.
         self.partitions.clear()
         self._next_offset.clear()
+        self._marks.clear()
 
     async def handle(
         self,
@@ -147,11 +155,14 @@ class Stage1:
             self.counters.skipped_messages += 1
             return
         counters = self.counters
+        self._next_offset[partition] = offset + 1
+        if self._repartitioned and self._is_duplicate(partition, offset, headers):
+            counters.duplicate_pieces += 1
+            return
         counters.messages += 1
         counters.messages_by_partition[partition] = (
             counters.messages_by_partition.get(partition, 0) + 1
         )
-        self._next_offset[partition] = offset + 1
         payload = value or b""
         content_type = headers.get("content-type")
         try:
@@ -188,6 +199,14 @@ class Stage1:
         ) + len(decoded.spans)
         aggregator.add(offset, decoded.spans, self._clock())
         await self._forward(partition, aggregator)
+
+    def _is_duplicate(self, partition: int, offset: int, headers: Mapping[str, bytes]) -> bool:
+        tag = headers.get(SOURCE_HEADER)
+        parsed = parse_source_tag(tag) if tag is not None else None
+        if parsed is None:
+            return False  # not from stage 0: nothing to compare with
+        source_partition, mark = parsed
+        return not self._marks[partition].take(offset, source_partition, mark)
 
     async def _forward(self, partition: int, aggregator: PartitionAggregator) -> None:
         """Send the spans whose trace was just kept to Phoenix, per source message."""
@@ -250,7 +269,12 @@ class Stage1:
             limit = (
                 self._forwarder.pending_offset(partition) if self._forwarder is not None else None
             )
-            checkpoints[partition] = aggregator.checkpoint(next_offset, limit=limit)
+            checkpoint = aggregator.checkpoint(next_offset, limit=limit)
+            marks = self._marks.get(partition)
+            if self._repartitioned and marks is not None:
+                checkpoint = replace(checkpoint, sources=marks.as_of(checkpoint.offset))
+                marks.forget_before(checkpoint.offset)
+            checkpoints[partition] = checkpoint
         return checkpoints
 
     async def _emit(self, result: AdvanceResult) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from dataclasses import dataclass
 
@@ -10,6 +11,9 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from processor.errors import ConfigurationError, StackError
 from processor.settings import WorkerSettings
+
+_DESCRIBE_ATTEMPTS = 25
+_DESCRIBE_PAUSE_S = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,8 +24,14 @@ class TopicSpec:
 
 
 def topic_specs(settings: WorkerSettings) -> list[TopicSpec]:
+    repartition = (
+        [TopicSpec(settings.stage1_topic, settings.spans_partitions, {})]
+        if settings.repartition_by_trace_id
+        else []
+    )
     return [
         TopicSpec(settings.spans_topic, settings.spans_partitions, {}),
+        *repartition,
         TopicSpec(settings.dead_letter_topic, 1, {"retention.ms": str(14 * 24 * 3600 * 1000)}),
         # Compacted: a replayed partial replaces its twin, keyed (agent, window, partition).
         TopicSpec(
@@ -30,6 +40,18 @@ def topic_specs(settings: WorkerSettings) -> list[TopicSpec]:
             {"cleanup.policy": "compact", "min.compaction.lag.ms": str(3600 * 1000)},
         ),
     ]
+
+
+async def _partition_counts(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, int]:
+    # A topic created a moment ago may describe with no partitions until the broker's metadata
+    # catches up: ask again for a few seconds before believing it.
+    for _ in range(_DESCRIBE_ATTEMPTS):
+        described = await admin.describe_topics(names)
+        counts = {entry["topic"]: len(entry["partitions"]) for entry in described}
+        if all(counts.get(name) for name in names):
+            break
+        await asyncio.sleep(_DESCRIBE_PAUSE_S)
+    return counts
 
 
 async def ensure_topics(settings: WorkerSettings) -> dict[str, int]:
@@ -66,8 +88,7 @@ async def ensure_topics(settings: WorkerSettings) -> dict[str, int]:
                         for spec in missing
                     ]
                 )
-        described = await admin.describe_topics([spec.name for spec in specs])
-        counts = {entry["topic"]: len(entry["partitions"]) for entry in described}
+        counts = await _partition_counts(admin, [spec.name for spec in specs])
         for spec in specs:
             actual = counts.get(spec.name)
             if spec.name == settings.dead_letter_topic:

@@ -12,7 +12,9 @@ What the Collector writes (exporter/kafkaexporter in opentelemetry-collector-con
   holds many traces and the partitioner (sticky / round robin) spreads batches over partitions.
 
 The messages are built here the same way and published to the real broker; a real worker reads
-them, and MLflow must hold exactly the loadgen's independent truth.
+them, and MLflow must hold exactly the loadgen's independent truth. Unkeyed batches that split
+a trace over partitions are read with ``PROCESSOR_REPARTITION_BY_TRACE_ID``: stage 0 rekeys
+every trace through the repartition topic before trace assembly.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
 from google.protobuf import json_format
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
@@ -148,6 +151,8 @@ def runs(
         "encodings": _encodings_scenario(start_ms),
         "split": _split_scenario(start_ms),
     }
+    # Batches that split traces over partitions need the repartition by trace id.
+    repartition = {"encodings": False, "split": True}
     started: dict[str, Run] = {}
     try:
         for key, (records, truth) in scenarios.items():
@@ -161,8 +166,9 @@ def runs(
                 PROCESSOR_ALLOWED_LATENESS_MS=str(int(truth.max_trace_duration_ms) + 1_000),
                 PROCESSOR_IDLE_TIMEOUT_MS="60000",  # windows close on the closers' data
                 PROCESSOR_PHOENIX_ENABLED="false",
+                PROCESSOR_REPARTITION_BY_TRACE_ID=str(repartition[key]).lower(),
             )
-            records = records + _closers(start_ms + 10 * 60 * 1000)
+            records = records + _closers(start_ms + 10 * 60 * 1000, by_key=repartition[key])
             asyncio.run(_publish(stack.kafka_bootstrap, env["PROCESSOR_SPANS_TOPIC"], records))
             worker = WorkerProcess(env, work_dir / "worker.log").start()
             started[key] = Run(name=name, truth=truth, worker=worker)
@@ -172,18 +178,27 @@ def runs(
             run.worker.stop()
 
 
-def _closers(end_ms: int) -> list[Record]:
+def _closers(end_ms: int, *, by_key: bool) -> list[Record]:
     """A trace on each partition, well after the test's traffic, of an agent of its own: every
     partition's watermark passes the traffic's windows, which close on data rather than on the
     idle timeout (which the worker starts counting before it has handled a partition's first
-    messages)."""
+    messages). With ``by_key`` the closers are chosen so that their trace-id keys hash to every
+    partition, as the repartition by trace id will place them."""
     scenario = Scenario(agents=1, trace_size=4, seed=999, latency_scale=0.05, service_name=CLOSER)
     generator = TraceGenerator(scenario, start_ms=end_ms, rate=5.0)
     records: list[Record] = []
-    for partition in range(PARTITIONS):
-        trace = generator.trace(partition, end_ns=generator.end_ns_of(partition))
+    covered: set[int] = set()
+    index = 0
+    while len(covered) < PARTITIONS:
+        trace = generator.trace(index, end_ns=generator.end_ns_of(index))
+        key = trace.trace_id_hex.encode()
+        partition = DefaultPartitioner()(key, list(range(PARTITIONS)), []) if by_key else index
+        index += 1
+        if partition in covered:
+            continue
+        covered.add(partition)
         request = relabelled(trace, CLOSER)
-        records.append((trace.trace_id_hex.encode(), request.SerializeToString(), partition))
+        records.append((key, request.SerializeToString(), partition))
     return records
 
 
@@ -236,14 +251,6 @@ def test_collector_messages_in_both_encodings_with_and_without_trace_keys(
     _assert_rollups_equal_truth(stack, runs["encodings"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "Unkeyed batches split a trace over partitions; stage 1 assembles traces per source "
-        "partition, so a span whose parent went to another partition is attributed without "
-        "it. Needs the repartition by trace id of DESIGN.md (worker, not yet built)."
-    ),
-)
 def test_collector_batches_that_split_traces_over_partitions(
     stack: StackEndpoints, runs: dict[str, Run]
 ) -> None:

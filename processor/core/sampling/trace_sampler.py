@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from processor.core.sampling.policy import (
@@ -106,6 +107,11 @@ class TraceSampler:
         self._limiter = AgentRateLimiter(rate) if rate is not None else None
         self._traces: dict[bytes, _Trace] = {}  # insertion order = first seen
         self._due: list[tuple[int, int, bytes]] = []  # (due ms, sequence, trace id)
+        # Lazy heaps of (value, trace id) for the earliest buffered end and smallest offset:
+        # asked after every message, so a scan of every buffered trace would not do. An entry
+        # counts only while its trace is buffered with that very value.
+        self._by_end: list[tuple[int, bytes]] = []
+        self._by_offset: list[tuple[int, bytes]] = []
         self._sequence = 0
         self._decisions: OrderedDict[bytes, _Decision] = OrderedDict()
         self._forced_unseen: OrderedDict[bytes, None] = OrderedDict()
@@ -161,6 +167,8 @@ class TraceSampler:
             trace.forced = True
         self._traces[span.trace_id] = trace
         heapq.heappush(self._due, (trace.due_ms, trace.due_sequence, span.trace_id))
+        self._push(self._by_end, span.end_ns, span.trace_id)
+        self._push(self._by_offset, offset, span.trace_id)
         self.stats.buffered_traces = len(self._traces)
         return trace
 
@@ -169,12 +177,14 @@ class TraceSampler:
         self.stats.buffered_spans += 1
         if offset < trace.min_offset:
             trace.min_offset = offset
+            self._push(self._by_offset, offset, span.trace_id)
         if span.start_ns < trace.min_start_ns:
             trace.min_start_ns = span.start_ns
         if span.end_ns > trace.max_end_ns:
             trace.max_end_ns = span.end_ns
         elif span.end_ns < trace.min_end_ns:
             trace.min_end_ns = span.end_ns
+            self._push(self._by_end, span.end_ns, span.trace_id)
         randomness = _randomness(span)
         if randomness < trace.randomness:  # spans disagreeing (bad input): order-independent
             trace.randomness = randomness
@@ -325,13 +335,34 @@ class TraceSampler:
 
     def pending_offset(self) -> int | None:
         """The smallest source offset of a span still buffered (undecided), if any."""
-        return min((trace.min_offset for trace in self._traces.values()), default=None)
+        return self._top(self._by_offset, lambda trace: trace.min_offset)
 
     def earliest_buffered_end_ms(self) -> int | None:
         """The end time of the earliest-ending span still buffered, if any: a window holding
         it cannot know yet how many of its spans are sampled."""
-        ends = [trace.min_end_ns for trace in self._traces.values()]
-        return min(ends) // NANOS_PER_MILLI if ends else None
+        end_ns = self._top(self._by_end, lambda trace: trace.min_end_ns)
+        return None if end_ns is None else end_ns // NANOS_PER_MILLI
+
+    def _push(self, heap: list[tuple[int, bytes]], value: int, trace_id: bytes) -> None:
+        heapq.heappush(heap, (value, trace_id))
+        if len(heap) > 4 * len(self._traces) + 1024:
+            # Mostly stale entries of decided traces: rebuild from the buffered ones.
+            current = heap is self._by_end
+            heap[:] = [
+                (trace.min_end_ns if current else trace.min_offset, trace_id)
+                for trace_id, trace in self._traces.items()
+            ]
+            heapq.heapify(heap)
+
+    def _top(self, heap: list[tuple[int, bytes]], value_of: Callable[[_Trace], int]) -> int | None:
+        traces = self._traces
+        while heap:
+            value, trace_id = heap[0]
+            trace = traces.get(trace_id)
+            if trace is not None and value_of(trace) == value:
+                return value
+            heapq.heappop(heap)  # decided, or its value moved on: stale
+        return None
 
     def is_buffered(self, trace_id: bytes) -> bool:
         return trace_id in self._traces

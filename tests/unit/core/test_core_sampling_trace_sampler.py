@@ -676,3 +676,35 @@ def test_mark_forwarded_refuses_a_dropped_span() -> None:
 def test_policy_must_be_a_sampling_policy() -> None:
     with pytest.raises(ValueError, match="SamplingPolicy"):
         TraceSampler({"probability": 0.1})  # type: ignore[arg-type]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.integers(1, 12),  # trace
+            st.integers(0, 5_000),  # end offset from T0, ms
+            st.integers(0, 50),  # source offset
+            st.booleans(),  # advance the watermark after this span
+        ),
+        max_size=80,
+    ),
+    max_traces=st.integers(1, 6),
+)
+def test_what_holds_windows_and_commits_back_is_the_minimum_over_buffered_traces(
+    steps: list[tuple[int, int, int, bool]], max_traces: int
+) -> None:
+    """The earliest buffered end (keeps windows open) and the smallest buffered offset (holds
+    the commit back) are what a scan of every buffered trace would say, at every step."""
+    sampler = TraceSampler(policy(max_buffered_traces=max_traces, decision_max_wait_ms=2_000))
+    for span_number, (trace, end, offset, advance) in enumerate(steps):
+        sampler.add(
+            make(trace=trace_id(trace), span=span_number + 1, end_ms=T0_MS + end), "a", offset
+        )
+        if advance:
+            sampler.advance(T0_MS + end)
+        buffered = sampler._traces.values()
+        ends = [t.min_end_ns // 1_000_000 for t in buffered]
+        offsets = [t.min_offset for t in buffered]
+        assert sampler.earliest_buffered_end_ms() == (min(ends) if ends else None)
+        assert sampler.pending_offset() == (min(offsets) if offsets else None)
