@@ -19,6 +19,7 @@ from processor.core.semconv import ExtractionConfig
 from processor.settings import WorkerSettings
 from processor.sinks.mlflow_writer import RollupWriter
 from processor.sinks.phoenix import ExportResult, PhoenixExporter, RetryPolicy
+from processor.worker.assignment import AssignmentGate
 from processor.worker.commits import CheckpointingTransport, CommitLedger, committed_metadata
 from processor.worker.forwarding import ForwardedBatch, SpanForwarder
 from processor.worker.observability import install_observability
@@ -228,10 +229,24 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
                     _headers_of(message.headers),
                 )
 
+    gate = AssignmentGate()
+
+    async def set_up(tp: TP) -> None:
+        # Wait while the partition is ours but its checkpoint not yet read (see assignment.py).
+        if gate.is_open(tp):
+            return
+        try:
+            assigned = tp in app.consumer.assignment()
+        except Exception:  # consumer not started, or stopping: nothing to wait for
+            return
+        if assigned:
+            await gate.wait(tp)
+
     @app.agent(stage1_topic, name="stage1")
     async def stage1_agent(stream: Any) -> None:  # faust.Stream; its stub lacks noack()
         async for event in stream.noack().events():
             message = event.message
+            await set_up(message.tp)
             ledger.hold(message.tp, message.offset, event)
             value = message.value
             # The event stays held until its data is out; its payload need not.
@@ -248,6 +263,7 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
     async def stage2_agent(stream: Any) -> None:
         async for event in stream.noack().events():
             message = event.message
+            await set_up(message.tp)
             ledger.hold(message.tp, message.offset, event)
             value = message.value
             message.value = event.value = None
@@ -303,6 +319,7 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def on_revoked(app: faust.App, revoked: set[TP], **kwargs: Any) -> None:
         # Every rebalance restarts all assigned partitions at their committed offsets.
+        gate.close_all()
         ledger.forget(revoked)
         stage1.revoke_all()
         stage2.revoke_all()
@@ -333,6 +350,7 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
                 )
             else:
                 stage2.assign(tp.partition, _finalized_until(metadata))
+        gate.open(ours)
 
     @app.task
     async def announce() -> None:
