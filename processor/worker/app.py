@@ -307,12 +307,13 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
         counters = stage1.counters
         log.info(
             "progress messages=%d spans=%d dead_letters=%d partials=%d windows_written=%d "
-            "monotonic=%.3f",
+            "skipped=%d monotonic=%.3f",
             counters.messages,
             counters.spans,
             counters.dead_letters,
             counters.partials,
             stage2.windows_written,
+            counters.skipped_messages,
             time.monotonic(),
         )
 
