@@ -23,6 +23,7 @@ import asyncio
 import base64
 import contextlib
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from google.protobuf import json_format
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from processor.core.repartition import split_by_trace
 from processor.loadgen import GeneratedTrace, Scenario, TraceGenerator, Truth, TruthBuilder
 from processor.loadgen import ensure_topic as create_topic
 from processor.stack import StackEndpoints
@@ -167,11 +169,26 @@ def runs(
                 PROCESSOR_IDLE_TIMEOUT_MS="60000",  # windows close on the closers' data
                 PROCESSOR_PHOENIX_ENABLED="false",
                 PROCESSOR_REPARTITION_BY_TRACE_ID=str(repartition[key]).lower(),
+                PROCESSOR_PROGRESS_LOG_INTERVAL_S="1",
             )
-            records = records + _closers(start_ms + 10 * 60 * 1000, by_key=repartition[key])
-            asyncio.run(_publish(stack.kafka_bootstrap, env["PROCESSOR_SPANS_TOPIC"], records))
+            closers = _closers(start_ms + 10 * 60 * 1000, by_key=repartition[key])
+            topic = env["PROCESSOR_SPANS_TOPIC"]
+            if not repartition[key]:
+                asyncio.run(_publish(stack.kafka_bootstrap, topic, records + closers))
+                started[key] = Run(name, truth, WorkerProcess(env, work_dir / "worker.log").start())
+                continue
+            # Stage 0 interleaves the source partitions as it rekeys them: closers published
+            # with the traffic could reach a repartition partition before some of its traffic
+            # and make that traffic late. So they follow once stage 1 has handled the traffic.
+            asyncio.run(_publish(stack.kafka_bootstrap, topic, records))
             worker = WorkerProcess(env, work_dir / "worker.log").start()
             started[key] = Run(name=name, truth=truth, worker=worker)
+            pieces = sum(
+                len(split_by_trace(ExportTraceServiceRequest.FromString(value)))
+                for _, value, _ in records
+            )
+            _wait_for_handled(worker, pieces)
+            asyncio.run(_publish(stack.kafka_bootstrap, topic, closers))
         yield started
     finally:
         for run in started.values():
@@ -311,6 +328,16 @@ def _assert_rollups_equal_truth(stack: StackEndpoints, run: Run) -> None:
                 assert found[key][metric] == pytest.approx(want[metric], rel=0.01), key
     log = run.worker.log()
     assert "Traceback" not in log, log[-3000:]
+
+
+def _wait_for_handled(worker: WorkerProcess, count: int) -> None:
+    """Until stage 1 has handled ``count`` messages, by the worker's progress line."""
+
+    def handled() -> int | None:
+        found = re.findall(r"progress messages=(\d+)", worker.log())
+        return 1 if found and int(found[-1]) >= count else None
+
+    poll_until(handled, timeout_s=120, what=f"{count} messages handled by stage 1")
 
 
 async def _publish(bootstrap: str, topic: str, records: list[Record]) -> None:
