@@ -170,7 +170,7 @@ def _wait_for_last_window(logs: list[Path], timeout_s: float) -> float:
     """Monotonic time when the workers' window count stopped growing (checked for 10 s)."""
     deadline = time.monotonic() + timeout_s
     last_count, last_change = -1, time.monotonic()
-    pattern = re.compile(r"windows_written=(\d+) monotonic=([\d.]+)")
+    pattern = re.compile(r"windows_written=(\d+) .*monotonic=([\d.]+)")
     while time.monotonic() < deadline:
         count, at = 0, 0.0
         for log in logs:

@@ -27,7 +27,7 @@ from processor.core.semconv import UNKNOWN_AGENT
 from processor.core.spans import SpanRecord
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen init is slower, and one is made per span
 class AttributedSpan:
     span: SpanRecord
     agent: str
@@ -91,9 +91,13 @@ class TraceAssembler:
         self._spans_held = 0
         self.stats = AssemblerStats()
 
-    def add(self, span: SpanRecord, offset: int) -> list[AttributedSpan]:
-        """Take one span; return every span whose attribution is now known."""
-        out: list[AttributedSpan] = []
+    def add(
+        self, span: SpanRecord, offset: int, out: list[AttributedSpan] | None = None
+    ) -> list[AttributedSpan]:
+        """Take one span; return every span whose attribution is now known (appended to
+        ``out`` when given: the caller can reuse one list for many spans)."""
+        if out is None:
+            out = []
         traces = self._traces
         trace_id = span.trace_id
         trace = traces.get(trace_id)
@@ -159,22 +163,32 @@ class TraceAssembler:
         out: list[AttributedSpan],
     ) -> None:
         # Iterative, not recursive: a deep chain of waiting descendants must not blow the stack.
-        stack = [(span, offset, parent)]
-        while stack:
-            current, current_offset, current_parent = stack.pop()
-            parent_agent, inherited = current_parent or (None, None)
+        # The stack is only built when children wait: most spans find their parent resolved.
+        resolved_spans = trace.resolved
+        by_parent = trace.by_parent
+        stack: list[tuple[SpanRecord, int, _Resolved]] = []
+        current, current_offset, current_parent = span, offset, parent
+        while True:
+            if current_parent is None:
+                parent_agent = inherited = None
+            else:
+                parent_agent, inherited = current_parent
             lineage = current.own_agent or inherited
-            agent = lineage or current.service_name or UNKNOWN_AGENT
+            agent = lineage or current.origin.service_name or UNKNOWN_AGENT
             resolved = (agent, lineage)
-            if current.span_id not in trace.resolved:
+            span_id = current.span_id
+            if span_id not in resolved_spans:
                 self._spans_held += 1
-            trace.resolved[current.span_id] = resolved
+            resolved_spans[span_id] = resolved
             out.append(AttributedSpan(current, agent, parent_agent != agent, current_offset))
-            children = trace.by_parent.pop(current.span_id, None)
+            children = by_parent.pop(span_id, None) if by_parent else None
             if children:
                 for sequence in children:
                     child, child_offset = self._take(trace, sequence)
                     stack.append((child, child_offset, resolved))
+            if not stack:
+                return
+            current, current_offset, current_parent = stack.pop()
 
     def _resolve_as_orphan(self, trace: _Trace, sequence: int, out: list[AttributedSpan]) -> None:
         """Give up waiting for the topmost waiting ancestor of a span; resolve its subtree."""

@@ -35,6 +35,7 @@ from processor.core.sampling.tracestate import parse_tracestate
 from processor.core.sketch import WEIGHT_ONE
 from processor.core.spans import (
     COST_NANOS_PER_USD,
+    NANOS_PER_MILLI,
     DecodedMessage,
     RejectedSpan,
     SpanOrigin,
@@ -254,11 +255,21 @@ def _record_of(
     parent_span_id = span.parent_span_id
     start_ns = span.start_time_unix_nano
     end_ns = span.end_time_unix_nano
-    problem = _problem_of(trace_id, span_id, parent_span_id, start_ns, end_ns)
-    if problem is None and check_sizes:
+    if not (
+        len(trace_id) == 16
+        and len(span_id) == 8
+        and (not parent_span_id or len(parent_span_id) == 8)
+        and start_ns <= end_ns
+        and trace_id != _ZERO_TRACE_ID
+        and span_id != _ZERO_SPAN_ID
+    ):  # the common case is decided here, without a call; _problem_of names the rule
+        problem = _problem_of(trace_id, span_id, parent_span_id, start_ns, end_ns)
+        if problem is not None:
+            return problem
+    if check_sizes:
         problem = _size_problem(span, config.max_attribute_value_bytes)
-    if problem is not None:
-        return problem
+        if problem is not None:
+            return problem
 
     # Only the AnyValue of a wanted key is touched: most attributes (input.value, output.value,
     # metadata) are skipped after one set lookup, without reading their value.
@@ -315,24 +326,27 @@ def _record_of(
             _dimension_of(found.get(name), resource_dimensions.get(name, ""))
             for name in config.dimension_attributes
         )
+    # Positional: one record per span, and keyword matching costs more than the rest of
+    # the call. The order is SpanRecord's field order.
     return SpanRecord(
-        trace_id=trace_id,
-        span_id=span_id,
-        parent_span_id=parent_span_id,
-        start_ns=start_ns,
-        end_ns=end_ns,
-        is_error=span.status.code == _STATUS_ERROR,
-        own_agent=own_agent,
-        is_llm=is_llm,
-        tokens_prompt=prompt,
-        tokens_completion=completion,
-        tokens_total=total,
-        cost_nanos=cost_nanos,
-        dimensions=dimensions,
-        tracestate=tracestate,
-        origin=origin,
-        pb=span,
-        extra_weight=weight,
+        trace_id,
+        span_id,
+        parent_span_id,
+        start_ns,
+        end_ns,
+        end_ns // NANOS_PER_MILLI,
+        span.status.code == _STATUS_ERROR,
+        own_agent,
+        is_llm,
+        prompt,
+        completion,
+        total,
+        cost_nanos,
+        dimensions,
+        tracestate,
+        origin,
+        span,
+        weight,
     )
 
 

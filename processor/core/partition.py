@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 import orjson
@@ -33,6 +34,9 @@ from processor.core.sampling import SampledSpan, TraceSampler
 from processor.core.semconv import OVERFLOW_SERIES
 from processor.core.spans import SpanRecord
 from processor.core.windows import Watermark, window_start
+
+_Series = tuple[str, tuple[str, ...]]  # (agent, dimensions): a SeriesKey's fields
+_start_ns = attrgetter("start_ns")
 
 
 @dataclass(slots=True)
@@ -118,7 +122,9 @@ class PartitionAggregator:
             allowed_lateness_ms=allowed_lateness_ms, idle_timeout_ms=idle_timeout_ms
         )
         self.assembler = assembler or TraceAssembler(attribution_wait_ms=allowed_lateness_ms)
-        self._windows: dict[int, dict[SeriesKey, WindowAggregate]] = {}
+        # window start -> (agent, dimensions) -> aggregate; plain tuples as keys, so the hot
+        # path looks a series up without building a SeriesKey for every span
+        self._windows: dict[int, dict[_Series, WindowAggregate]] = {}
         self._window_min_offset: dict[int, int] = {}
         self.closed_until_ms: int | None = None
         self._sent_until_ms: int | None = None  # after a restore: what the first run sent
@@ -150,15 +156,29 @@ class PartitionAggregator:
             (offset, watermark.max_event_ms, watermark.value_ms, self.closed_until_ms)
         )
         watermark.touch(now_ms)
-        assembler = self.assembler
+        add_to_assembler = self.assembler.add
+        aggregate = self._aggregate
         first_offsets = self._trace_first_offset
-        for span in spans:
-            watermark.observe(span.end_ms, now_ms)
-            seen = first_offsets.get(span.trace_id)
-            if seen is None or span.end_ms > seen[1]:
-                first_offsets[span.trace_id] = (seen[0] if seen else offset, span.end_ms)
-            for attributed in assembler.add(span, offset):
-                self._aggregate(attributed)
+        attributed: list[AttributedSpan] = []  # reused: one list per message, not per span
+        # Parents start no later than their children: in start order, a span mostly finds
+        # its parent attributed already instead of waiting for it (SDKs export children
+        # first, as they end first). The order is the message's own, so a replay keeps it.
+        for span in sorted(spans, key=_start_ns):
+            end_ms = span.end_ms
+            max_event = watermark.max_event_ms
+            if max_event is None or end_ms > max_event:
+                watermark.observe(end_ms, now_ms)
+            trace_id = span.trace_id
+            seen = first_offsets.get(trace_id)
+            if seen is None:
+                first_offsets[trace_id] = (offset, end_ms)
+            elif end_ms > seen[1]:
+                first_offsets[trace_id] = (seen[0], end_ms)
+            add_to_assembler(span, offset, attributed)
+            if attributed:
+                for item in attributed:
+                    aggregate(item)
+                attributed.clear()
         # Settle what is due at this message, not at the next timer tick: decisions then
         # fall at the same place in a replay.
         watermark_ms = watermark.value_ms
@@ -190,11 +210,9 @@ class PartitionAggregator:
             del self._window_min_offset[start]
             if self._already_sent(start):
                 continue
-            for series, aggregate in sorted(
-                window.items(), key=lambda item: (item[0].agent, item[0].dimensions)
-            ):
+            for series, aggregate in sorted(window.items(), key=lambda item: item[0]):
                 self._closed.append(
-                    PartialRollup(series, start, self._size, self.partition, aggregate)
+                    PartialRollup(SeriesKey(*series), start, self._size, self.partition, aggregate)
                 )
             self.stats.windows_closed += 1
 
@@ -207,35 +225,40 @@ class PartitionAggregator:
         if not decided:
             return
         self._decided.extend(decided)
+        size = self._size
+        invocations = self._invocations
+        with_sampler = self.sampler is not None
         for item in decided:
             span = item.span
-            is_invocation = span.span_id in self._invocations
+            span_id = span.span_id
+            is_invocation = span_id in invocations
             if is_invocation:
-                self._invocations.discard(span.span_id)
-            window = self._window_of_decision(span.end_ms)
+                invocations.discard(span_id)
+            end_ms = span.end_ms
+            own_start = end_ms - end_ms % size
+            window = self._window_of_decision(own_start)
             if window is None:
                 continue
             aggregate = self._series(
-                window, SeriesKey(item.agent, span.dimensions), item.offset, counts_span=False
+                window, (item.agent, span.dimensions), item.offset, counts_span=False
             )
             if item.keep:
                 aggregate.sampled_spans += 1
+                if with_sampler and window == own_start:
+                    # Exemplars are chosen among kept traces only: the link from MLflow to
+                    # Phoenix never points at nothing, and nothing is kept just to be named.
+                    aggregate.note_exemplar(
+                        trace_id=span.trace_id,
+                        duration_ns=span.end_ns - span.start_ns,
+                        is_error=span.is_error,
+                        is_invocation=is_invocation,
+                    )
             else:
                 aggregate.dropped_spans += 1
-            own_window = window == span.end_ms - span.end_ms % self._size
-            if self.sampler is not None and item.keep and own_window:
-                # Exemplars are chosen among kept traces only: the link from MLflow to
-                # Phoenix never points at nothing, and nothing is kept just to be named.
-                aggregate.note_exemplar(
-                    trace_id=span.trace_id,
-                    duration_ns=span.end_ns - span.start_ns,
-                    is_error=span.is_error,
-                    is_invocation=is_invocation,
-                )
 
-    def _window_of_decision(self, end_ms: int) -> int | None:
-        """The span's window if still open, else the open head window; None if already sent."""
-        start = end_ms - end_ms % self._size
+    def _window_of_decision(self, start: int) -> int | None:
+        """The span's window (``start``) if still open, else the open head window; None if
+        already sent."""
         closed = self.closed_until_ms
         if closed is not None and start + self._size <= closed:
             start = window_start(max(self.watermark.max_event_ms or closed, closed), self._size)
@@ -244,21 +267,24 @@ class PartitionAggregator:
     def _aggregate(self, item: AttributedSpan) -> None:
         span = item.span
         self.stats.spans += 1
-        start = span.end_ms - span.end_ms % self._size
+        end_ms = span.end_ms
+        size = self._size
+        start = end_ms - end_ms % size
         closed = self.closed_until_ms
-        series = SeriesKey(item.agent, span.dimensions)
+        series = (item.agent, span.dimensions)
         seen = self._trace_first_offset.get(span.trace_id)
         # A window's replay point is the first offset of every trace that fed it.
         replay_from = seen[0] if seen is not None else item.offset
-        if closed is not None and start + self._size <= closed:
+        sent = self._sent_until_ms
+        if closed is not None and start + size <= closed:
             # Its window is out already: count it where it arrived, in the open window.
             self.stats.late_spans += 1
-            head = window_start(max(self.watermark.max_event_ms or closed, closed), self._size)
+            head = window_start(max(self.watermark.max_event_ms or closed, closed), size)
             if self._already_sent(head):
                 self.stats.replayed_spans += 1
             else:
                 self._series(head, series, replay_from).late_spans += 1
-        elif self._already_sent(start):
+        elif sent is not None and start + size <= sent:  # sent before a restart
             self.stats.replayed_spans += 1
         else:
             self._series(start, series, replay_from).add(
@@ -276,19 +302,27 @@ class PartitionAggregator:
                 exemplars=self.sampler is None,
             )
         # Sampling comes after the counts: aggregates see every span (rule 1).
-        if self.sampler is None:
+        sampler = self.sampler
+        if sampler is None:
             self._count_decisions([SampledSpan(span, item.agent, item.offset, True, None)])
         else:
             if item.is_invocation:
                 self._invocations.add(span.span_id)
-            self._count_decisions(self.sampler.add(span, item.agent, item.offset))
+            decided = sampler.add(span, item.agent, item.offset)
+            if decided:
+                self._count_decisions(decided)
 
     def _already_sent(self, start: int) -> bool:
         sent = self._sent_until_ms
         return sent is not None and start + self._size <= sent
 
     def _series(
-        self, start: int, series: SeriesKey, offset: int, *, counts_span: bool = True
+        self,
+        start: int,
+        series: tuple[str, tuple[str, ...]],
+        offset: int,
+        *,
+        counts_span: bool = True,
     ) -> WindowAggregate:
         window = self._windows.get(start)
         if window is None:
@@ -302,9 +336,7 @@ class PartitionAggregator:
                 # Past the cardinality limit every new series shares one overflow series.
                 if counts_span:
                     self.stats.overflow_spans += 1
-                series = SeriesKey(
-                    OVERFLOW_SERIES, tuple(OVERFLOW_SERIES for _ in series.dimensions)
-                )
+                series = (OVERFLOW_SERIES, tuple(OVERFLOW_SERIES for _ in series[1]))
                 aggregate = window.get(series)
             if aggregate is None:
                 aggregate = window[series] = WindowAggregate()

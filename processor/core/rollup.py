@@ -9,7 +9,7 @@ partial rebuilt from the same spans is the same bytes. The schema is in ``schema
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -21,8 +21,8 @@ PROGRESS_KIND = "progress"
 SCHEMA_VERSION = 1
 
 
-@dataclass(slots=True, frozen=True)
-class SeriesKey:
+class SeriesKey(NamedTuple):
+    # A tuple, not a dataclass: it is hashed for every span, and a tuple hashes in C.
     agent: str
     dimensions: tuple[str, ...] = ()
 

@@ -38,6 +38,7 @@ class SpanRecord:
     parent_span_id: bytes  # b"" for a root span
     start_ns: int
     end_ns: int
+    end_ms: int  # end_ns // NANOS_PER_MILLI, read many times per span on the hot path
     is_error: bool
     own_agent: str | None  # the span's own agent attribute, before attribution
     is_llm: bool
@@ -52,10 +53,6 @@ class SpanRecord:
     # The upstream adjusted count minus one, in millionths (``sketch.WEIGHT_ONE``): non-zero
     # for a span an upstream sampler kept with a probability below one (its tracestate's th).
     extra_weight: int = 0
-
-    @property
-    def end_ms(self) -> int:
-        return self.end_ns // NANOS_PER_MILLI
 
     @property
     def duration_ms(self) -> float:

@@ -13,7 +13,7 @@ from processor.core.spans import SpanRecord
 SAMPLING_REASON_ATTRIBUTE = "sampling.reason"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen init is slower, and one is made per span
 class SampledSpan:
     """One span's outcome. ``reason`` is set when kept, ``drop_reason`` when dropped.
 

@@ -94,6 +94,7 @@ class _Trace:
     has_error: bool = False
     attribute_match: bool = False
     forced: bool = False
+    id_randomness_seen: bool = False  # a span without a tracestate has been folded in
 
 
 class TraceSampler:
@@ -185,9 +186,15 @@ class TraceSampler:
         elif span.end_ns < trace.min_end_ns:
             trace.min_end_ns = span.end_ns
             self._push(self._by_end, span.end_ns, span.trace_id)
-        randomness = _randomness(span)
-        if randomness < trace.randomness:  # spans disagreeing (bad input): order-independent
-            trace.randomness = randomness
+        # The trace's randomness is the smallest of its spans' (spans disagreeing is bad
+        # input; the minimum does not depend on their order). A span without a tracestate
+        # has its trace id's, the same for all of them: read once per trace.
+        if span.tracestate or not trace.id_randomness_seen:
+            randomness = _randomness(span)
+            if randomness < trace.randomness:
+                trace.randomness = randomness
+            if not span.tracestate:
+                trace.id_randomness_seen = True
         if span.is_error:
             trace.has_error = True
         matches = self.policy.attribute_matches

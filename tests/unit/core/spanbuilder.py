@@ -171,6 +171,7 @@ def record(
         parent_span_id=b"" if parent is None else sid(parent),
         start_ns=end_ns - round(duration_ms * NANOS_PER_MILLI),
         end_ns=end_ns,
+        end_ms=end_ns // NANOS_PER_MILLI,
         is_error=error,
         own_agent=agent,
         is_llm=llm,
