@@ -52,6 +52,7 @@ from processor.core.sampling.threshold import trace_id_randomness
 from processor.core.semconv import ExtractionConfig
 from processor.loadgen import Scenario, TraceGenerator
 from processor.settings import WorkerSettings
+from processor.worker.gc_tuning import tune_for_throughput
 
 START_MS = 1_700_000_000_000
 NS_PER_MS = 1_000_000
@@ -395,6 +396,12 @@ def main() -> None:
         action="store_true",
         help="feed once more under tracemalloc for the run's peak allocation (slow)",
     )
+    parser.add_argument(
+        "--gc",
+        choices=("worker", "default"),
+        default="worker",
+        help="the worker's garbage-collector settings (processor.worker.gc_tuning) or CPython's",
+    )
     args = parser.parse_args()
 
     began = time.perf_counter()
@@ -405,6 +412,8 @@ def main() -> None:
     if latency_ms is None:
         latency_ms = latency_p95_ms(traffic.truth)
     policy = build_policy(args, latency_ms)
+    if args.gc == "worker":
+        tune_for_throughput()  # after the traffic is built, as the worker after start-up
     traces = len(traffic.truth)
     print(
         f"{traces:,} traces, {traffic.spans:,} spans ({traffic.spans / max(traces, 1):.1f} per "

@@ -86,6 +86,9 @@ CLIENT_HTTP_POLICY = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+    # The client's usage telemetry wraps every call (and the worker makes thousands): off
+    # unless the operator turns it on (MLFLOW_DISABLE_TELEMETRY=false).
+    "MLFLOW_DISABLE_TELEMETRY": "true",
 }
 
 _RUN_CACHE_SIZE = 4096
@@ -139,6 +142,17 @@ class RollupWriter:
         self._uploads = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="mlflow-records")
         self.windows_written = 0
         self.windows_skipped = 0
+
+    def prepare(self) -> None:
+        """Look the experiment up (creating it if needed) before the first window is due:
+        the client's first call also loads much of MLflow, which is better done at start-up.
+        Raises like ``write``; a later ``write`` tries again."""
+        try:
+            self._experiment()
+        except (MlflowException, requests.RequestException) as exc:
+            raise _translate(exc) from exc
+        except OSError as exc:
+            raise RetryableExportError(f"MLflow unreachable: {exc}") from exc
 
     def write(self, rollups: Sequence[FinalRollup]) -> None:
         """Write every rollup not yet in MLflow.

@@ -16,6 +16,7 @@ from faust.types import TP
 from processor.clock import wall_clock_ms
 from processor.core.partition import Checkpoint
 from processor.core.semconv import ExtractionConfig
+from processor.errors import ExportError
 from processor.settings import WorkerSettings
 from processor.sinks.mlflow_writer import RollupWriter
 from processor.sinks.phoenix import ExportResult, PhoenixExporter, RetryPolicy
@@ -355,6 +356,10 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
 
     @app.task
     async def announce() -> None:
+        try:
+            await asyncio.to_thread(rollup_writer.prepare)
+        except ExportError as exc:  # not fatal: stage 2 retries when a window is due
+            log.warning("MLflow not ready yet: %s", exc)
         log.info(
             "worker up: %s -> Phoenix %s, MLflow %s (window %d ms, lateness %d ms)",
             settings.spans_topic,
@@ -392,6 +397,7 @@ def _finalized_until(metadata: str) -> int | None:
 
 def run_worker(settings: WorkerSettings, argv: Sequence[str] = ()) -> None:
     """Create topics, then run the faust worker until it is stopped."""
+    from processor.worker.gc_tuning import tune_for_throughput
     from processor.worker.logging_setup import configure_logging
     from processor.worker.topics import ensure_topics
 
@@ -402,4 +408,5 @@ def run_worker(settings: WorkerSettings, argv: Sequence[str] = ()) -> None:
     worker = faust.Worker(
         app, loglevel=settings.log_level.upper(), quiet=True, logging_config=logging_config
     )
+    tune_for_throughput()
     worker.execute_from_commandline()
