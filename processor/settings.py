@@ -27,8 +27,8 @@ from processor.core.sampling import SamplingPolicy
 from processor.errors import ConfigurationError
 
 
-class WorkerSettings(BaseSettings):
-    """Everything a worker process needs."""
+class KafkaClientSettings(BaseSettings):
+    """Where Kafka is: shared by the worker and the agents' publisher, one environment for both."""
 
     model_config = SettingsConfigDict(
         env_prefix="PROCESSOR_", env_file=".env", extra="ignore", populate_by_name=True
@@ -39,6 +39,23 @@ class WorkerSettings(BaseSettings):
         validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "kafka_bootstrap_servers"),
         description="Kafka brokers, comma-separated host:port.",
     )
+
+    @field_validator("kafka_bootstrap_servers")
+    @classmethod
+    def _servers_look_like_host_port(cls, value: str) -> str:
+        for server in value.split(","):
+            host, _, port = server.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(
+                    f"expected host:port[,host:port...], got {value!r}; "
+                    "set KAFKA_BOOTSTRAP_SERVERS like 127.0.0.1:9092"
+                )
+        return value
+
+
+class WorkerSettings(KafkaClientSettings):
+    """Everything a worker process needs."""
+
     mlflow_tracking_uri: str = Field(
         default="http://127.0.0.1:5000",
         validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "mlflow_tracking_uri"),
@@ -288,18 +305,6 @@ class WorkerSettings(BaseSettings):
             raise ConfigurationError(
                 f"invalid sampling settings (PROCESSOR_SAMPLING_*): {exc}"
             ) from exc
-
-    @field_validator("kafka_bootstrap_servers")
-    @classmethod
-    def _servers_look_like_host_port(cls, value: str) -> str:
-        for server in value.split(","):
-            host, _, port = server.strip().rpartition(":")
-            if not host or not port.isdigit():
-                raise ValueError(
-                    f"expected host:port[,host:port...], got {value!r}; "
-                    "set KAFKA_BOOTSTRAP_SERVERS like 127.0.0.1:9092"
-                )
-        return value
 
     @field_validator("mlflow_tracking_uri", "phoenix_collector_endpoint")
     @classmethod

@@ -11,16 +11,18 @@ dropped by stage 1.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from processor.core.decoding import decode_request
 from processor.core.repartition import SOURCE_HEADER, source_tag, split_by_trace
 from processor.errors import InvalidInput
-from processor.worker.stage1 import DeadLetter, SendDeadLetter, Stage1Counters
-
-log = logging.getLogger(__name__)
+from processor.worker.stage1 import (
+    DeadLetter,
+    SendDeadLetter,
+    Stage1Counters,
+    route_dead_letter,
+)
 
 PROTOBUF = b"application/x-protobuf"
 
@@ -65,21 +67,10 @@ class Repartitioner:
                 payload, content_type.decode("latin-1") if content_type else None
             )
         except InvalidInput as exc:
-            dead = self._dead_letter_counters
-            dead.dead_letters += 1
-            dead.dead_letters_by_reason[exc.reason] = (
-                dead.dead_letters_by_reason.get(exc.reason, 0) + 1
-            )
-            log.warning(
-                "dead letter from partition %d offset %d: %s %s",
-                partition,
-                offset,
-                exc.reason,
-                exc.detail,
-                extra={"partition": partition, "offset": offset},
-            )
-            await self._send_dead_letter(
-                DeadLetter(payload, exc.reason, exc.detail, partition, offset, key)
+            await route_dead_letter(
+                DeadLetter(payload, exc.reason, exc.detail, partition, offset, key),
+                counters=self._dead_letter_counters,
+                send=self._send_dead_letter,
             )
             return
         for index, piece in enumerate(split_by_trace(request)):

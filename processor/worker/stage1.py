@@ -45,6 +45,25 @@ class DeadLetter:
 SendDeadLetter = Callable[[DeadLetter], Awaitable[None]]
 
 
+async def route_dead_letter(
+    letter: DeadLetter, *, counters: Stage1Counters, send: SendDeadLetter
+) -> None:
+    """Count a dead letter by reason, log it, send it: the same in stage 0 and stage 1, so
+    /metrics counts every dead letter by reason whichever stage found it."""
+    counters.dead_letters += 1
+    reasons = counters.dead_letters_by_reason
+    reasons[letter.reason] = reasons.get(letter.reason, 0) + 1
+    log.warning(
+        "dead letter from partition %d offset %d: %s %s",
+        letter.source_partition,
+        letter.source_offset,
+        letter.reason,
+        letter.detail,
+        extra={"partition": letter.source_partition, "offset": letter.source_offset},
+    )
+    await send(letter)
+
+
 @dataclass(slots=True)
 class Stage1Counters:
     messages: int = 0
@@ -238,18 +257,11 @@ class Stage1:
         offset: int,
         key: bytes | None,
     ) -> None:
-        counters = self.counters
-        counters.dead_letters += 1
-        counters.dead_letters_by_reason[reason] = counters.dead_letters_by_reason.get(reason, 0) + 1
-        log.warning(
-            "dead letter from partition %d offset %d: %s %s",
-            partition,
-            offset,
-            reason,
-            detail,
-            extra={"partition": partition, "offset": offset},
+        await route_dead_letter(
+            DeadLetter(value, reason, detail, partition, offset, key),
+            counters=self.counters,
+            send=self._send_dead_letter,
         )
-        await self._send_dead_letter(DeadLetter(value, reason, detail, partition, offset, key))
 
     async def tick(self, caught_up: Callable[[int], bool]) -> dict[int, Checkpoint]:
         """Advance every partition's watermark, send what closed, return safe checkpoints.

@@ -30,6 +30,7 @@ import heapq
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from processor.core.sampling.policy import (
     DROP_NOT_SAMPLED,
@@ -95,6 +96,11 @@ class _Trace:
     attribute_match: bool = False
     forced: bool = False
     id_randomness_seen: bool = False  # a span without a tracestate has been folded in
+
+
+# What the lazy heaps order buffered traces by.
+_MIN_END: Callable[[_Trace], int] = attrgetter("min_end_ns")
+_MIN_OFFSET: Callable[[_Trace], int] = attrgetter("min_offset")
 
 
 class TraceSampler:
@@ -168,8 +174,8 @@ class TraceSampler:
             trace.forced = True
         self._traces[span.trace_id] = trace
         heapq.heappush(self._due, (trace.due_ms, trace.due_sequence, span.trace_id))
-        self._push(self._by_end, span.end_ns, span.trace_id)
-        self._push(self._by_offset, offset, span.trace_id)
+        self._push(self._by_end, span.end_ns, span.trace_id, _MIN_END)
+        self._push(self._by_offset, offset, span.trace_id, _MIN_OFFSET)
         self.stats.buffered_traces = len(self._traces)
         return trace
 
@@ -178,14 +184,14 @@ class TraceSampler:
         self.stats.buffered_spans += 1
         if offset < trace.min_offset:
             trace.min_offset = offset
-            self._push(self._by_offset, offset, span.trace_id)
+            self._push(self._by_offset, offset, span.trace_id, _MIN_OFFSET)
         if span.start_ns < trace.min_start_ns:
             trace.min_start_ns = span.start_ns
         if span.end_ns > trace.max_end_ns:
             trace.max_end_ns = span.end_ns
         elif span.end_ns < trace.min_end_ns:
             trace.min_end_ns = span.end_ns
-            self._push(self._by_end, span.end_ns, span.trace_id)
+            self._push(self._by_end, span.end_ns, span.trace_id, _MIN_END)
         # The trace's randomness is the smallest of its spans' (spans disagreeing is bad
         # input; the minimum does not depend on their order). A span without a tracestate
         # has its trace id's, the same for all of them: read once per trace.
@@ -342,23 +348,25 @@ class TraceSampler:
 
     def pending_offset(self) -> int | None:
         """The smallest source offset of a span still buffered (undecided), if any."""
-        return self._top(self._by_offset, lambda trace: trace.min_offset)
+        return self._top(self._by_offset, _MIN_OFFSET)
 
     def earliest_buffered_end_ms(self) -> int | None:
         """The end time of the earliest-ending span still buffered, if any: a window holding
         it cannot know yet how many of its spans are sampled."""
-        end_ns = self._top(self._by_end, lambda trace: trace.min_end_ns)
+        end_ns = self._top(self._by_end, _MIN_END)
         return None if end_ns is None else end_ns // NANOS_PER_MILLI
 
-    def _push(self, heap: list[tuple[int, bytes]], value: int, trace_id: bytes) -> None:
+    def _push(
+        self,
+        heap: list[tuple[int, bytes]],
+        value: int,
+        trace_id: bytes,
+        value_of: Callable[[_Trace], int],
+    ) -> None:
         heapq.heappush(heap, (value, trace_id))
         if len(heap) > 4 * len(self._traces) + 1024:
             # Mostly stale entries of decided traces: rebuild from the buffered ones.
-            current = heap is self._by_end
-            heap[:] = [
-                (trace.min_end_ns if current else trace.min_offset, trace_id)
-                for trace_id, trace in self._traces.items()
-            ]
+            heap[:] = [(value_of(trace), trace_id) for trace_id, trace in self._traces.items()]
             heapq.heapify(heap)
 
     def _top(self, heap: list[tuple[int, bytes]], value_of: Callable[[_Trace], int]) -> int | None:
