@@ -139,6 +139,12 @@ class PartitionAggregator:
         self.sampler = sampler
         self._decided: list[SampledSpan] = []
         self._closed: list[PartialRollup] = []  # closed windows waiting for ``advance``
+        # The first offsets of the windows in ``_closed``: until ``advance`` hands them out,
+        # a commit must not pass them (a crash would lose those partials).
+        self._closed_offsets: list[int] = []
+        # ``closed_until_ms`` when ``advance`` last handed every closed window out: the
+        # windows a checkpoint may call sent.
+        self._handed_until_ms: int | None = None
         self._invocations: set[bytes] = set()  # undecided spans that are invocations
         self.stats = PartitionStats()
 
@@ -207,9 +213,10 @@ class PartitionAggregator:
             if start + self._size > candidate:
                 break
             window = self._windows.pop(start)
-            del self._window_min_offset[start]
+            first_offset = self._window_min_offset.pop(start)
             if self._already_sent(start):
                 continue
+            self._closed_offsets.append(first_offset)
             for series, aggregate in sorted(window.items(), key=lambda item: item[0]):
                 self._closed.append(
                     PartialRollup(SeriesKey(*series), start, self._size, self.partition, aggregate)
@@ -350,6 +357,8 @@ class PartitionAggregator:
         self._settle(watermark_ms)
         self._forget_old_traces(watermark_ms)
         partials, self._closed = self._closed, []
+        self._closed_offsets.clear()
+        self._handed_until_ms = self.closed_until_ms
         closed = self.closed_until_ms
         progress = None if closed is None else PartitionProgress(self.partition, closed)
         return AdvanceResult(partials, progress)
@@ -362,8 +371,9 @@ class PartitionAggregator:
             del first_offsets[trace]
 
     def min_open_offset(self) -> int | None:
-        """Smallest first offset of a trace that fed an open window or may still be waiting."""
-        offsets = list(self._window_min_offset.values())
+        """Smallest first offset of a trace that fed an open window, or a closed one not yet
+        handed out by ``advance``, or that may still be waiting."""
+        offsets = [*self._window_min_offset.values(), *self._closed_offsets]
         watermark_ms = self.watermark.value_ms
         # A trace seen within the attribution wait may still hold spans waiting for a parent.
         recent = (watermark_ms if watermark_ms is not None else 0) - self._attribution_wait_ms
@@ -400,7 +410,9 @@ class PartitionAggregator:
                 self.watermark.value_ms,
                 self.closed_until_ms,
             )
-        sent = self.closed_until_ms
+        # Sent means handed out by ``advance``: a window closed since (by a message added
+        # while the caller was still sending) is not out yet, and its replay must resend it.
+        sent = self._handed_until_ms
         if self._sent_until_ms is not None and (sent is None or self._sent_until_ms > sent):
             sent = self._sent_until_ms
         self._last_checkpoint = Checkpoint(safe, max_event, watermark_ms, closed, sent)

@@ -271,17 +271,24 @@ def test_every_span_is_counted_once_in_spans_or_late_spans(
 
 
 def run_stage1(
-    messages: list[list[SpanRecord]], *, crash_at: int | None = None
+    messages: list[list[SpanRecord]], *, crash_at: int | None = None, added_after_tick: int = 0
 ) -> list[PartialRollup]:
     """Every partial stage 1 sends; with ``crash_at``, the worker dies before that message and a
-    fresh one replays from the committed checkpoint."""
+    fresh one replays from the committed checkpoint.
+
+    ``added_after_tick`` messages before the crash are added after the last tick (``advance``)
+    and before the checkpoint: the worker's tick awaits while it sends partials, and messages
+    handled meanwhile can close windows whose partials the dead worker never sent.
+    """
     sent: list[PartialRollup] = []
     agg = aggregator()
     start = 0
     if crash_at is not None:
+        ticked_until = crash_at - added_after_tick
         for offset in range(crash_at):
             agg.add(offset, messages[offset], now_ms=offset)
-            sent += agg.advance(offset, caught_up=False).partials
+            if offset < ticked_until:
+                sent += agg.advance(offset, caught_up=False).partials
         checkpoint = agg.checkpoint(crash_at)
         agg = aggregator()
         agg.restore(checkpoint)
@@ -299,13 +306,15 @@ def merged(partials: list[PartialRollup]) -> dict[tuple[SeriesKey, int], dict[st
 
 
 @settings(max_examples=100, deadline=None)
-@given(messages=arrivals(), crash=st.integers(0, 25))
+@given(messages=arrivals(), crash=st.integers(0, 25), added_after_tick=st.integers(0, 4))
 def test_a_crash_and_replay_from_the_checkpoint_gives_the_same_partials(
-    messages: list[list[SpanRecord]], crash: int
+    messages: list[list[SpanRecord]], crash: int, added_after_tick: int
 ) -> None:
     crash_at = min(crash, len(messages))
     clean = run_stage1(messages)
-    replayed = run_stage1(messages, crash_at=crash_at)
+    replayed = run_stage1(
+        messages, crash_at=crash_at, added_after_tick=min(added_after_tick, crash_at)
+    )
 
     assert merged(replayed) == merged(clean)
     # a partial sent again is its twin, byte for byte
