@@ -24,9 +24,7 @@ from tests.integration.support import (
     worker_env,
 )
 
-# These runs are not yet reliable (issue 4 is open: a rebalance or kill sometimes leaves a
-# window incomplete). A failure is re-run up to twice and still shows in the report ("R").
-pytestmark = [pytest.mark.integration, pytest.mark.flaky(reruns=2)]
+pytestmark = pytest.mark.integration
 
 WINDOW_MS = 10_000
 EXACT = (
