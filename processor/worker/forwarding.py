@@ -269,9 +269,15 @@ class SpanForwarder:
             await asyncio.wait_for(self._send_all(), timeout=max(0.0, deadline - self._clock()))
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=max(0.0, deadline - self._clock()))
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Before the cancellations free slots: an add() waiting for one must not send any more
+        # (its request would meet a closed client).
+        self._stopped = True
+        while self._tasks:
+            cancelled = set(self._tasks)
+            for task in cancelled:
+                task.cancel()
+            await asyncio.gather(*cancelled, return_exceptions=True)
+            self._tasks -= cancelled
         undelivered = self.pending_spans()
         if undelivered:
             log.warning(
@@ -280,7 +286,6 @@ class SpanForwarder:
                 timeout_s,
                 undelivered,
             )
-        self._stopped = True  # an add() that was waiting for a slot must not send any more
         if self._confirmer is not None:
             await self._confirmer.close()
         await self._exporter.shutdown()

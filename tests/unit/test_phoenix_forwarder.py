@@ -320,6 +320,7 @@ def test_an_add_waiting_when_drain_gives_up_sends_nothing_later() -> None:
         waiting = asyncio.create_task(forwarder.add(_spans(1), partition=0, offset=1))
         await asyncio.sleep(0.01)
         assert await forwarder.drain(0.1) == 2
+        assert forwarder.in_flight == 0  # no request outlives the drain (its client is closed)
         await asyncio.wait_for(waiting, timeout=1)
         requests = len(phoenix.requests)
         await asyncio.sleep(0.05)
