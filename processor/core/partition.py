@@ -168,7 +168,8 @@ class PartitionAggregator:
         attributed: list[AttributedSpan] = []  # reused: one list per message, not per span
         # Parents start no later than their children: in start order, a span mostly finds
         # its parent attributed already instead of waiting for it (SDKs export children
-        # first, as they end first). The order is the message's own, so a replay keeps it.
+        # first, as they end first). The sort is stable (ties keep the message's order), so a
+        # replay of the message takes the same steps.
         for span in sorted(spans, key=_start_ns):
             end_ms = span.end_ms
             max_event = watermark.max_event_ms
@@ -324,12 +325,7 @@ class PartitionAggregator:
         return sent is not None and start + self._size <= sent
 
     def _series(
-        self,
-        start: int,
-        series: tuple[str, tuple[str, ...]],
-        offset: int,
-        *,
-        counts_span: bool = True,
+        self, start: int, series: _Series, offset: int, *, counts_span: bool = True
     ) -> WindowAggregate:
         window = self._windows.get(start)
         if window is None:

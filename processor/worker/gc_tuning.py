@@ -4,8 +4,9 @@ Stage 1 keeps many small objects alive (buffered spans, their records, the sampl
 assembler's indexes). CPython's cyclic collector runs every 700 net allocations and its older
 generations scan every one of those objects again, although the pipeline makes almost no
 reference cycles: reference counting frees its objects. With the default thresholds the
-collector took a third of stage 1's time on 100-span traces (``benchmarks/bench_sampling.py
---gc default`` against the default ``--gc worker``). Collections still run, only less often.
+collector took a tenth to a third of stage 1's time on 100-span traces, depending on the run
+(``benchmarks/bench_sampling.py --gc default`` against the default ``--gc worker``).
+Collections still run, only less often.
 """
 
 from __future__ import annotations
