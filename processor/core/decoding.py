@@ -255,21 +255,11 @@ def _record_of(
     parent_span_id = span.parent_span_id
     start_ns = span.start_time_unix_nano
     end_ns = span.end_time_unix_nano
-    if not (
-        len(trace_id) == 16
-        and len(span_id) == 8
-        and (not parent_span_id or len(parent_span_id) == 8)
-        and start_ns <= end_ns
-        and trace_id != _ZERO_TRACE_ID
-        and span_id != _ZERO_SPAN_ID
-    ):  # the common case is decided here, without a call; _problem_of names the rule
-        problem = _problem_of(trace_id, span_id, parent_span_id, start_ns, end_ns)
-        if problem is not None:
-            return problem
-    if check_sizes:
+    problem = _problem_of(trace_id, span_id, parent_span_id, start_ns, end_ns)
+    if problem is None and check_sizes:
         problem = _size_problem(span, config.max_attribute_value_bytes)
-        if problem is not None:
-            return problem
+    if problem is not None:
+        return problem
 
     # Only the AnyValue of a wanted key is touched: most attributes (input.value, output.value,
     # metadata) are skipped after one set lookup, without reading their value.

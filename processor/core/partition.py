@@ -139,9 +139,9 @@ class PartitionAggregator:
         self.sampler = sampler
         self._decided: list[SampledSpan] = []
         self._closed: list[PartialRollup] = []  # closed windows waiting for ``advance``
-        # The first offsets of the windows in ``_closed``: until ``advance`` hands them out,
-        # a commit must not pass them (a crash would lose those partials).
-        self._closed_offsets: list[int] = []
+        # The smallest first offset of the windows in ``_closed``: until ``advance`` hands
+        # them out, a commit must not pass it (a crash would lose those partials).
+        self._closed_min_offset: int | None = None
         # ``closed_until_ms`` when ``advance`` last handed every closed window out: the
         # windows a checkpoint may call sent.
         self._handed_until_ms: int | None = None
@@ -217,7 +217,8 @@ class PartitionAggregator:
             first_offset = self._window_min_offset.pop(start)
             if self._already_sent(start):
                 continue
-            self._closed_offsets.append(first_offset)
+            if self._closed_min_offset is None or first_offset < self._closed_min_offset:
+                self._closed_min_offset = first_offset
             for series, aggregate in sorted(window.items(), key=lambda item: item[0]):
                 self._closed.append(
                     PartialRollup(SeriesKey(*series), start, self._size, self.partition, aggregate)
@@ -283,7 +284,6 @@ class PartitionAggregator:
         seen = self._trace_first_offset.get(span.trace_id)
         # A window's replay point is the first offset of every trace that fed it.
         replay_from = seen[0] if seen is not None else item.offset
-        sent = self._sent_until_ms
         if closed is not None and start + size <= closed:
             # Its window is out already: count it where it arrived, in the open window.
             self.stats.late_spans += 1
@@ -292,7 +292,7 @@ class PartitionAggregator:
                 self.stats.replayed_spans += 1
             else:
                 self._series(head, series, replay_from).late_spans += 1
-        elif sent is not None and start + size <= sent:  # sent before a restart
+        elif self._already_sent(start):
             self.stats.replayed_spans += 1
         else:
             self._series(start, series, replay_from).add(
@@ -353,7 +353,7 @@ class PartitionAggregator:
         self._settle(watermark_ms)
         self._forget_old_traces(watermark_ms)
         partials, self._closed = self._closed, []
-        self._closed_offsets.clear()
+        self._closed_min_offset = None
         self._handed_until_ms = self.closed_until_ms
         closed = self.closed_until_ms
         progress = None if closed is None else PartitionProgress(self.partition, closed)
@@ -369,7 +369,9 @@ class PartitionAggregator:
     def min_open_offset(self) -> int | None:
         """Smallest first offset of a trace that fed an open window, or a closed one not yet
         handed out by ``advance``, or that may still be waiting."""
-        offsets = [*self._window_min_offset.values(), *self._closed_offsets]
+        offsets = list(self._window_min_offset.values())
+        if self._closed_min_offset is not None:
+            offsets.append(self._closed_min_offset)
         watermark_ms = self.watermark.value_ms
         # A trace seen within the attribution wait may still hold spans waiting for a parent.
         recent = (watermark_ms if watermark_ms is not None else 0) - self._attribution_wait_ms

@@ -36,12 +36,13 @@ The client is synchronous; the worker calls ``write`` in a thread, one call at a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -147,12 +148,8 @@ class RollupWriter:
         """Look the experiment up (creating it if needed) before the first window is due:
         the client's first call also loads much of MLflow, which is better done at start-up.
         Raises like ``write``; a later ``write`` tries again."""
-        try:
+        with _export_errors():
             self._experiment()
-        except (MlflowException, requests.RequestException) as exc:
-            raise _translate(exc) from exc
-        except OSError as exc:
-            raise RetryableExportError(f"MLflow unreachable: {exc}") from exc
 
     def write(self, rollups: Sequence[FinalRollup]) -> None:
         """Write every rollup not yet in MLflow.
@@ -160,7 +157,7 @@ class RollupWriter:
         Raises RetryableExportError while MLflow is unreachable, failing or refusing access:
         calling again with the same rollups is safe and writes each window once.
         """
-        try:
+        with _export_errors():
             try:
                 self._write(rollups)
             except (MlflowException, requests.HTTPError) as exc:
@@ -171,10 +168,6 @@ class RollupWriter:
                 log.warning("MLflow rejected a write (%s); looking runs up again", _brief(exc))
                 self._forget()
                 self._write(rollups)
-        except (MlflowException, requests.RequestException) as exc:
-            raise _translate(exc) from exc
-        except OSError as exc:
-            raise RetryableExportError(f"MLflow unreachable: {exc}") from exc
 
     def _write(self, rollups: Sequence[FinalRollup]) -> None:
         pending: dict[str, tuple[_RunState, dict[int, FinalRollup]]] = {}
@@ -418,6 +411,17 @@ def _brief(exc: BaseException) -> str:
     where = f"{endpoint.group(1)}: " if endpoint else ""
     why = f" ({reason.group(1).strip()})" if reason else ""
     return f"{where}{cause.group(1)}{why}"
+
+
+@contextlib.contextmanager
+def _export_errors() -> Iterator[None]:
+    """Turn what the MLflow client raises into the worker's export errors."""
+    try:
+        yield
+    except (MlflowException, requests.RequestException) as exc:
+        raise _translate(exc) from exc
+    except OSError as exc:
+        raise RetryableExportError(f"MLflow unreachable: {exc}") from exc
 
 
 def _translate(exc: MlflowException | requests.RequestException) -> Exception:
