@@ -34,12 +34,11 @@ import httpx
 
 from processor.core.decoding import decode_request, extract_spans
 from processor.core.semconv import ExtractionConfig
-from processor.core.spans import SpanRecord
 from processor.loadgen import Scenario, TraceGenerator
 from processor.settings import StackSettings
 from processor.sinks.phoenix import ExportResult, PhoenixExporter, RetryPolicy
 from processor.stack import LocalStack
-from processor.worker.forwarding import ForwardedBatch, SpanForwarder
+from processor.worker.forwarding import ForwardedBatch, SpanForwarder, SpanItem
 
 CONFIG = ExtractionConfig()
 
@@ -59,8 +58,10 @@ def _payloads(spans: int, seed: int) -> list[bytes]:
     return payloads
 
 
-def _decode(payload: bytes) -> list[SpanRecord]:
-    return extract_spans(decode_request(payload), CONFIG, payload_size=len(payload)).spans
+def _decode(payload: bytes) -> list[SpanItem]:
+    """A message's spans as the worker hands them to the forwarder."""
+    decoded = extract_spans(decode_request(payload), CONFIG, payload=payload)
+    return [(span.origin, span.pb) for span in decoded.spans]
 
 
 async def _refuse(batch: ForwardedBatch, result: ExportResult) -> None:
@@ -91,7 +92,7 @@ async def _instant_200(request: httpx.Request) -> httpx.Response:
     return httpx.Response(200)
 
 
-async def _forward(forwarder: SpanForwarder, messages: Sequence[Sequence[SpanRecord]]) -> float:
+async def _forward(forwarder: SpanForwarder, messages: Sequence[Sequence[SpanItem]]) -> float:
     """Seconds to add every message and drain (every span settled)."""
     started = time.perf_counter()
     for offset, spans in enumerate(messages):

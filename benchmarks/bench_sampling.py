@@ -259,8 +259,9 @@ def feed(
             aggregator.checkpoint(offset)
             next_tick += tick_ms
         request = decode_request(payload, CONTENT_TYPE)
-        decoded = extract_spans(request, config, payload_size=len(payload))
+        decoded = extract_spans(request, config, payload=payload, content_type=CONTENT_TYPE)
         aggregator.add(offset, decoded.spans, end_ms)
+        decoded.source.release()  # as the worker does once a message is handled
         decided = aggregator.take_decided()
         cpu += process_time() - began
         rejected += len(decoded.rejected)

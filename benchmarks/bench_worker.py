@@ -44,6 +44,14 @@ def main() -> None:
     parser.add_argument("--trace-size", type=int, default=100)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument(
+        "--event-rate",
+        type=float,
+        default=500.0,
+        help="traces per second of event time: 500 (50,000 spans/s of 100-span traces) is a "
+        "live stream at the target rate; a low rate replays a backlog, closing windows (and "
+        "writing them to MLflow) many times faster than a live stream does",
+    )
     parser.add_argument("--phoenix", action="store_true", help="forward spans to Phoenix too")
     parser.add_argument(
         "--dev-venv",
@@ -73,7 +81,8 @@ def main() -> None:
     started = time.monotonic()
     start_ms = time.time_ns() // 1_000_000 - 3 * 3600 * 1000
     scenario = Scenario(agents=10, trace_size=args.trace_size, seed=5, latency_scale=0.1)
-    traces = list(TraceGenerator(scenario, start_ms=start_ms, rate=20.0).generate(args.traces))
+    generator = TraceGenerator(scenario, start_ms=start_ms, rate=args.event_rate)
+    traces = list(generator.generate(args.traces))
     total_spans = sum(trace.span_count for trace in traces)
     console.print(
         f"generated {len(traces)} traces, {total_spans} spans in {time.monotonic() - started:.1f}s"

@@ -20,13 +20,15 @@ from __future__ import annotations
 import base64
 import math
 import re
+from functools import partial
 from typing import Any
 
 import orjson
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from processor.core import semconv
@@ -37,6 +39,7 @@ from processor.core.spans import (
     COST_NANOS_PER_USD,
     NANOS_PER_MILLI,
     DecodedMessage,
+    MessageSource,
     RejectedSpan,
     SpanOrigin,
     SpanRecord,
@@ -165,6 +168,8 @@ def extract_spans(
     config: semconv.ExtractionConfig,
     *,
     payload_size: int = 0,
+    payload: bytes | None = None,
+    content_type: str | None = None,
 ) -> DecodedMessage:
     """Validate every span of ``request`` and build records for the good ones.
 
@@ -173,7 +178,12 @@ def extract_spans(
 
     ``payload_size`` lets the per-attribute size check be skipped when the whole message is
     smaller than the limit (no attribute can then exceed it), which keeps the hot path short.
+    With ``payload`` (the bytes ``request`` was decoded from, with their ``content_type``)
+    the records' message can be released once handled (``MessageSource``); without it, the
+    records hold the parsed request.
     """
+    if payload is not None:
+        payload_size = len(payload)
     total = sum(
         len(scope.spans) for resource in request.resource_spans for scope in resource.scope_spans
     )
@@ -184,28 +194,50 @@ def extract_spans(
     check_sizes = payload_size == 0 or payload_size > config.max_attribute_value_bytes
     spans: list[SpanRecord] = []
     rejected: list[RejectedSpan] = []
+    in_order: list[Span] = []
+    source = MessageSource(
+        in_order, payload, partial(_spans_of_payload, content_type) if payload else None
+    )
     for resource_spans in request.resource_spans:
-        resource = resource_spans.resource
+        # Copies: the origin outlives the parsed request, which it must not keep alive.
+        resource = Resource()
+        resource.CopyFrom(resource_spans.resource)
         service_name, project, resource_dimensions = _resource_values(
             resource.attributes, config.dimension_attributes
         )
         for scope_spans in resource_spans.scope_spans:
+            scope = InstrumentationScope()
+            scope.CopyFrom(scope_spans.scope)
             origin = SpanOrigin(
                 resource=resource,
-                scope=scope_spans.scope,
+                scope=scope,
                 resource_schema_url=resource_spans.schema_url,
                 scope_schema_url=scope_spans.schema_url,
                 service_name=service_name,
                 project=project,
             )
             for span in scope_spans.spans:
-                outcome = _record_of(span, origin, config, resource_dimensions, check_sizes)
+                outcome = _record_of(
+                    span, origin, source, len(in_order), config, resource_dimensions, check_sizes
+                )
+                in_order.append(span)
                 if isinstance(outcome, SpanRecord):
                     spans.append(outcome)
                 else:
                     reason, detail = outcome
                     rejected.append(RejectedSpan(reason, detail, span, origin))
-    return DecodedMessage(spans=spans, rejected=rejected)
+    return DecodedMessage(spans=spans, rejected=rejected, source=source)
+
+
+def _spans_of_payload(content_type: str | None, payload: bytes) -> list[Span]:
+    """A released message's spans, parsed again, in the order ``extract_spans`` met them."""
+    request = decode_request(payload, content_type)
+    return [
+        span
+        for resource_spans in request.resource_spans
+        for scope_spans in resource_spans.scope_spans
+        for span in scope_spans.spans
+    ]
 
 
 def _problem_of(
@@ -244,6 +276,8 @@ def _value_bytes(value: AnyValue) -> int:
 def _record_of(
     span: Span,
     origin: SpanOrigin,
+    source: MessageSource,
+    position: int,
     config: semconv.ExtractionConfig,
     resource_dimensions: dict[str, str],
     check_sizes: bool,
@@ -335,7 +369,8 @@ def _record_of(
         dimensions,
         tracestate,
         origin,
-        span,
+        source,
+        position,
         weight,
     )
 

@@ -166,6 +166,8 @@ class PartitionAggregator:
         aggregate = self._aggregate
         first_offsets = self._trace_first_offset
         attributed: list[AttributedSpan] = []  # reused: one list per message, not per span
+        size = self._size
+        closed = self.closed_until_ms  # windows close in _settle only, after the loop
         # Parents start no later than their children: in start order, a span mostly finds
         # its parent attributed already instead of waiting for it (SDKs export children
         # first, as they end first). The sort is stable (ties keep the message's order), so a
@@ -175,6 +177,13 @@ class PartitionAggregator:
             max_event = watermark.max_event_ms
             if max_event is None or end_ms > max_event:
                 watermark.observe(end_ms, now_ms)
+            if closed is not None and end_ms - end_ms % size + size <= closed:
+                # Late on arrival. Its window is the head window now, not when it is
+                # attributed or decided: those can come later in a replay (its parent, its
+                # trace's decision may lie before the checkpoint), and the head moves on.
+                span.late_window_ms = self._head_window(closed)
+            else:
+                span.late_window_ms = None  # a record handed in again is judged again
             trace_id = span.trace_id
             seen = first_offsets.get(trace_id)
             if seen is None:
@@ -245,7 +254,7 @@ class PartitionAggregator:
                 invocations.discard(span_id)
             end_ms = span.end_ms
             own_start = end_ms - end_ms % size
-            window = self._window_of_decision(own_start)
+            window = self._window_of_decision(span)
             if window is None:
                 continue
             aggregate = self._series(
@@ -265,33 +274,50 @@ class PartitionAggregator:
             else:
                 aggregate.dropped_spans += 1
 
-    def _window_of_decision(self, start: int) -> int | None:
-        """The span's window (``start``) if still open, else the open head window; None if
-        already sent."""
+    def _window_of_decision(self, span: SpanRecord) -> int | None:
+        """The window that counts the span's sampling outcome; None if already sent."""
+        start = self._window_of(span)
+        return None if self._already_sent(start) else start
+
+    def _window_of(self, span: SpanRecord) -> int:
+        """The span's own window; for a span late on arrival, the head window it found."""
+        late = span.late_window_ms
+        if late is not None:
+            return late
+        end_ms = span.end_ms
+        start = end_ms - end_ms % self._size
         closed = self.closed_until_ms
         if closed is not None and start + self._size <= closed:
-            start = window_start(max(self.watermark.max_event_ms or closed, closed), self._size)
-        return None if self._already_sent(start) else start
+            # A safeguard: waiting for a parent or a decision holds a window open, so a span
+            # not late on arrival finds its window open. Were it closed, count it as late.
+            return self._head_window(closed)
+        return start
+
+    def _head_window(self, closed: int) -> int:
+        """The window spans late now are counted in: the newest one open."""
+        return window_start(max(self.watermark.max_event_ms or closed, closed), self._size)
 
     def _aggregate(self, item: AttributedSpan) -> None:
         span = item.span
         self.stats.spans += 1
         end_ms = span.end_ms
-        size = self._size
-        start = end_ms - end_ms % size
-        closed = self.closed_until_ms
+        start = end_ms - end_ms % self._size
         series = (item.agent, span.dimensions)
         seen = self._trace_first_offset.get(span.trace_id)
         # A window's replay point is the first offset of every trace that fed it.
         replay_from = seen[0] if seen is not None else item.offset
-        if closed is not None and start + size <= closed:
+        late_window = span.late_window_ms
+        if late_window is None:
+            closed = self.closed_until_ms
+            if closed is not None and start + self._size <= closed:
+                late_window = self._window_of(span)  # the safeguard there
+        if late_window is not None:
             # Its window is out already: count it where it arrived, in the open window.
             self.stats.late_spans += 1
-            head = window_start(max(self.watermark.max_event_ms or closed, closed), size)
-            if self._already_sent(head):
+            if self._already_sent(late_window):
                 self.stats.replayed_spans += 1
             else:
-                self._series(head, series, replay_from).late_spans += 1
+                self._series(late_window, series, replay_from).late_spans += 1
         elif self._already_sent(start):
             self.stats.replayed_spans += 1
         else:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from processor.core.spans import SpanOrigin, SpanRecord
+from processor.core.spans import SpanOrigin
 from processor.errors import ConfigurationError
 from processor.sinks.otlp_batch import build_request
 from processor.sinks.phoenix import (
@@ -195,8 +195,9 @@ class SpanForwarder:
         if self._timer is None:
             self._timer = asyncio.create_task(self._run_timer(), name="phoenix-batch-timer")
 
-    async def add(self, spans: Sequence[SpanRecord], *, partition: int, offset: int) -> None:
-        """Buffer one message's kept spans; sends full batches, waiting for a free slot."""
+    async def add(self, spans: Sequence[SpanItem], *, partition: int, offset: int) -> None:
+        """Buffer one message's kept spans (each with its origin); sends full batches,
+        waiting for a free slot."""
         if self._crash is not None:
             raise RuntimeError("a Phoenix export task crashed") from self._crash
         if not spans:
@@ -206,8 +207,8 @@ class SpanForwarder:
             # Draining: the spans are not sent, but tracked, so their offset is not committed.
             return
         by_project: dict[str, list[SpanItem]] = {}
-        for span in spans:
-            by_project.setdefault(self._project_of(span.origin), []).append((span.origin, span.pb))
+        for item in spans:
+            by_project.setdefault(self._project_of(item[0]), []).append(item)
         for project, items in by_project.items():
             start = 0
             while start < len(items):

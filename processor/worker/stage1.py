@@ -19,10 +19,10 @@ from processor.core.repartition import SOURCE_HEADER, SourceMarks, parse_source_
 from processor.core.rollup import PartialRollup, PartitionProgress
 from processor.core.sampling import SamplingPolicy, TraceSampler, mark_forwarded
 from processor.core.semconv import ExtractionConfig
-from processor.core.spans import RejectedSpan, SpanRecord
+from processor.core.spans import DecodedMessage, MessageSource, RejectedSpan
 from processor.errors import InvalidInput
 from processor.sinks.otlp_batch import build_request
-from processor.worker.forwarding import SpanForwarder
+from processor.worker.forwarding import SpanForwarder, SpanItem
 
 log = logging.getLogger(__name__)
 
@@ -184,15 +184,31 @@ class Stage1:
         )
         payload = value or b""
         content_type = headers.get("content-type")
+        media_type = content_type.decode("latin-1") if content_type else None
         try:
-            request = decode_request(
-                payload, content_type.decode("latin-1") if content_type else None
+            request = decode_request(payload, media_type)
+            decoded = extract_spans(
+                request, self._extraction, payload=payload, content_type=media_type
             )
-            decoded = extract_spans(request, self._extraction, payload_size=len(payload))
         except InvalidInput as exc:
             aggregator.watermark.touch(self._clock())
             await self._dead_letter(payload, exc.reason, exc.detail, partition, offset, key)
             return
+        try:
+            await self._take(decoded, aggregator, partition, offset, key)
+        finally:
+            # Spans still buffered keep the payload, not the parsed message (see MessageSource)
+            decoded.source.release()
+
+    async def _take(
+        self,
+        decoded: DecodedMessage,
+        aggregator: PartitionAggregator,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+    ) -> None:
+        counters = self.counters
         now_ms = self._clock()
         future = [span for span in decoded.spans if span.end_ms > now_ms + MAX_CLOCK_SKEW_MS]
         if future:
@@ -232,14 +248,24 @@ class Stage1:
         decided = aggregator.take_decided()
         if self._forwarder is None or not decided:
             return
-        by_offset: dict[int, list[SpanRecord]] = {}
+        by_offset: dict[int, list[SpanItem]] = {}
+        held: dict[int, MessageSource] = {}
         for item in decided:
             if item.keep:
+                span = item.span
+                source = span.source
+                if id(source) not in held:
+                    source.hold()  # one parse per message, not one per span
+                    held[id(source)] = source
+                pb = span.pb
                 if item.reason is not None:  # a sampler decided: say why on the span
-                    mark_forwarded(item.span, item)
-                by_offset.setdefault(item.offset, []).append(item.span)
-        for offset, spans in by_offset.items():
-            await self._forwarder.add(spans, partition=partition, offset=offset)
+                    mark_forwarded(pb, item)
+                by_offset.setdefault(item.offset, []).append((span.origin, pb))
+        # The items hold their spans: a message handled meanwhile may release a source.
+        for source in held.values():
+            source.release()
+        for offset, items in by_offset.items():
+            await self._forwarder.add(items, partition=partition, offset=offset)
 
     async def _reject_spans(
         self, rejected: list[RejectedSpan], partition: int, offset: int, key: bytes | None

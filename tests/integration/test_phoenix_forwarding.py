@@ -33,13 +33,12 @@ from pydantic import SecretStr
 
 from processor.core.decoding import extract_spans
 from processor.core.semconv import PROJECT_NAME, ExtractionConfig
-from processor.core.spans import SpanRecord
 from processor.errors import ConfigurationError
 from processor.loadgen import Scenario, TraceGenerator
 from processor.settings import StackSettings
 from processor.sinks.phoenix import ExportResult, PhoenixExporter, RetryPolicy
 from processor.stack import LocalStack
-from processor.worker.forwarding import ForwardedBatch, SpanForwarder
+from processor.worker.forwarding import ForwardedBatch, SpanForwarder, SpanItem
 from tests.integration.support import poll_until
 
 pytestmark = pytest.mark.integration
@@ -158,7 +157,7 @@ def _system_api_key(url: str) -> str:
     return str(response.json()["data"]["key"])
 
 
-def _messages(count: int, *, project: str | None = None) -> list[list[SpanRecord]]:
+def _messages(count: int, *, project: str | None = None) -> list[list[SpanItem]]:
     """``count`` Kafka messages of one loadgen trace each, decoded as stage 1 decodes them."""
     generator = TraceGenerator(
         Scenario(agents=5, trace_size=20, seed=next(_seeds)),
@@ -172,12 +171,13 @@ def _messages(count: int, *, project: str | None = None) -> list[list[SpanRecord
             request.resource_spans[0].resource.attributes.append(
                 KeyValue(key=PROJECT_NAME, value=AnyValue(string_value=project))
             )
-        messages.append(extract_spans(request, ExtractionConfig()).spans)
+        records = extract_spans(request, ExtractionConfig()).spans
+        messages.append([(record.origin, record.pb) for record in records])
     return messages
 
 
-def _ids(messages: Sequence[Sequence[SpanRecord]]) -> set[str]:
-    return {span.span_id.hex() for spans in messages for span in spans}
+def _ids(messages: Sequence[Sequence[SpanItem]]) -> set[str]:
+    return {span.span_id.hex() for spans in messages for _, span in spans}
 
 
 class DeadLetters:
@@ -213,7 +213,7 @@ def _forwarder(
 
 
 async def _feed(
-    forwarder: SpanForwarder, messages: Sequence[Sequence[SpanRecord]], partitions: int = 2
+    forwarder: SpanForwarder, messages: Sequence[Sequence[SpanItem]], partitions: int = 2
 ) -> None:
     """What stage 1 does: each message, in offset order per partition."""
     for index, spans in enumerate(messages):
@@ -256,12 +256,12 @@ def test_phoenix_stores_a_replayed_span_id_once_and_keeps_the_first(
     messages = _messages(10)
     want = _ids(messages)
 
-    async def send(messages: list[list[SpanRecord]], *, renamed: bool) -> None:
+    async def send(messages: list[list[SpanItem]], *, renamed: bool) -> None:
         forwarder = _forwarder(phoenix, project=unique_name)
         for offset, spans in enumerate(messages):
             if renamed:
-                for span in spans:
-                    span.pb.name = "replayed"
+                for _, span in spans:
+                    span.name = "replayed"
             await forwarder.add(spans, partition=0, offset=offset)
         assert await forwarder.drain(60) == 0
 

@@ -23,10 +23,9 @@ from pydantic import SecretStr
 
 from processor.core.decoding import extract_spans
 from processor.core.semconv import ExtractionConfig
-from processor.core.spans import SpanRecord
 from processor.errors import ConfigurationError
 from processor.sinks.phoenix import ExportResult, PhoenixExporter, RetryPolicy
-from processor.worker.forwarding import ForwardedBatch, SpanForwarder
+from processor.worker.forwarding import ForwardedBatch, SpanForwarder, SpanItem
 
 URL = "http://phoenix.test/v1/traces"
 KEY = "sk-very-secret-0123456789"
@@ -37,8 +36,9 @@ Answer = int | type[httpx.TransportError]
 _next_span_id = iter(range(1, 1 << 40))
 
 
-def _spans(count: int, *, project: str | None = None) -> list[SpanRecord]:
-    """One Kafka message's worth of spans, with fresh span ids."""
+def _spans(count: int, *, project: str | None = None) -> list[SpanItem]:
+    """One Kafka message's worth of kept spans, with fresh span ids, as stage 1 hands them
+    over (each with its origin)."""
     request = ExportTraceServiceRequest()
     resource_spans = request.resource_spans.add()
     resource_spans.resource.attributes.append(
@@ -58,11 +58,11 @@ def _spans(count: int, *, project: str | None = None) -> list[SpanRecord]:
         span.end_time_unix_nano = T0_NS + 1_000
     decoded = extract_spans(request, ExtractionConfig())
     assert len(decoded.spans) == count
-    return decoded.spans
+    return [(record.origin, record.pb) for record in decoded.spans]
 
 
-def _ids(spans: Sequence[SpanRecord]) -> list[bytes]:
-    return [span.span_id for span in spans]
+def _ids(spans: Sequence[SpanItem]) -> list[bytes]:
+    return [span.span_id for _, span in spans]
 
 
 class ScriptedPhoenix:
@@ -451,7 +451,7 @@ def test_a_batch_lost_in_a_phoenix_restart_is_resent_before_the_timeout() -> Non
 def test_a_batch_phoenix_never_writes_while_writing_others_is_dead_lettered() -> None:
     async def scenario() -> None:
         poison = _spans(2)
-        phoenix = ScriptedPhoenix(never_write=frozenset({poison[-1].span_id}))
+        phoenix = ScriptedPhoenix(never_write=frozenset({poison[-1][1].span_id}))
         dead_letters = DeadLetters()
         forwarder = _forwarder(
             phoenix,

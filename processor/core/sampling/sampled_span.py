@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from processor.core.sampling.threshold import adjusted_count, threshold_to_th
 from processor.core.sampling.tracestate import with_threshold
@@ -40,14 +41,14 @@ class SampledSpan:
         return None if self.threshold is None else adjusted_count(self.threshold)
 
 
-def mark_forwarded(span: SpanRecord, sampled: SampledSpan) -> None:
-    """Write the sampling outcome into ``span.pb`` before it goes to Phoenix: the attribute
-    ``sampling.reason`` (replaced if present) and the ``ot`` tracestate entry's ``th`` (set to
-    ``sampled.threshold``, removed when that is None; ``rv`` and other entries kept).
-    Idempotent. ``span.tracestate`` keeps the tracestate as it arrived."""
+def mark_forwarded(pb: Span, sampled: SampledSpan) -> None:
+    """Write the sampling outcome into ``pb``, the protobuf of ``sampled.span``, before it
+    goes to Phoenix: the attribute ``sampling.reason`` (replaced if present) and the ``ot``
+    tracestate entry's ``th`` (set to ``sampled.threshold``, removed when that is None; ``rv``
+    and other entries kept). Idempotent. The record's ``tracestate`` keeps the tracestate as
+    it arrived."""
     if not sampled.keep or sampled.reason is None:
         raise ValueError("only a kept span is forwarded; this one was dropped")
-    pb = span.pb
     attributes = pb.attributes
     for index in range(len(attributes) - 1, -1, -1):
         if attributes[index].key == SAMPLING_REASON_ATTRIBUTE:

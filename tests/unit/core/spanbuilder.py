@@ -22,7 +22,7 @@ from opentelemetry.proto.common.v1.common_pb2 import (
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 
-from processor.core.spans import NANOS_PER_MILLI, SpanOrigin, SpanRecord
+from processor.core.spans import NANOS_PER_MILLI, MessageSource, SpanOrigin, SpanRecord
 
 T0_MS = 1_700_000_040_000
 assert T0_MS % 60_000 == 0
@@ -182,5 +182,6 @@ def record(
         dimensions=dimensions,
         tracestate="",
         origin=origin(service),
-        pb=Span(),
+        source=MessageSource([Span()]),
+        position=0,
     )

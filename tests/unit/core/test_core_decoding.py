@@ -181,6 +181,49 @@ def test_protobuf_round_trip_gives_the_spans_that_were_sent() -> None:
     assert records[0].origin.resource == original.resource_spans[0].resource
 
 
+@pytest.mark.parametrize("encoding", ["protobuf", "json"])
+def test_a_released_message_gives_its_spans_back_parsed_again(encoding: str) -> None:
+    """A span waiting in a buffer keeps its message's payload, not the parsed message; the
+    span Phoenix gets later is the one that arrived, with the rejected ones still counted in
+    the positions."""
+    original = sample_request()
+    original.resource_spans[0].scope_spans[0].spans.add()  # no ids: rejected, keeps its place
+    original.resource_spans[0].scope_spans[0].spans.append(span_pb(span=9, attrs={"k": "v"}))
+    payload, content_type = (
+        (original.SerializeToString(), "application/x-protobuf")
+        if encoding == "protobuf"
+        else (otlp_json(original), "application/json")
+    )
+    decoded = extract_spans(
+        decode_request(payload, content_type), CONFIG, payload=payload, content_type=content_type
+    )
+    assert len(decoded.rejected) == 1
+    held = [record.pb for record in decoded.spans]
+    assert [record.pb for record in decoded.spans] == held  # the same objects while held
+    assert all(a is b for a, b in zip(held, (r.pb for r in decoded.spans), strict=True))
+
+    decoded.source.release()
+    again = [record.pb for record in decoded.spans]
+    assert again == [span for span in spans_in(original) if span.span_id]
+    assert all(a is not b for a, b in zip(held, again, strict=True))  # parsed anew
+    # hold() parses once for many spans: repeated reads give the same objects
+    decoded.source.hold()
+    assert all(
+        a is b
+        for a, b in zip([r.pb for r in decoded.spans], [r.pb for r in decoded.spans], strict=True)
+    )
+    # the origin is a copy: it does not keep the parsed request alive, and equals it
+    assert decoded.spans[0].origin.resource == original.resource_spans[0].resource
+
+
+def test_without_its_payload_a_message_keeps_its_parsed_spans() -> None:
+    original = sample_request()
+    decoded = extract_spans(original, CONFIG)
+    held = [record.pb for record in decoded.spans]
+    decoded.source.release()  # nothing to parse again from: a no-op
+    assert all(a is b for a, b in zip(held, (r.pb for r in decoded.spans), strict=True))
+
+
 @pytest.mark.parametrize(
     "content_type", [None, "application/json", "application/json; charset=utf-8"]
 )

@@ -29,7 +29,7 @@ from processor.core.sampling import (
     th_to_threshold,
 )
 from processor.core.sampling.threshold import MAX_ADJUSTED_COUNT, trace_id_randomness
-from processor.core.spans import SpanRecord
+from processor.core.spans import MessageSource, SpanRecord
 
 LUCKY = MAX_ADJUSTED_COUNT - 1  # randomness every probability keeps
 UNLUCKY = 0  # randomness only p=1 keeps
@@ -58,7 +58,7 @@ def make(
         trace=trace, span=span, parent=parent, end_ms=end_ms, duration_ms=duration_ms, error=error
     )
     rec.tracestate = tracestate
-    rec.pb = span_pb(
+    pb = span_pb(
         trace=rec.trace_id,
         span=span,
         parent=parent,
@@ -67,7 +67,8 @@ def make(
         attrs=attrs,
         error=error,
     )
-    rec.pb.trace_state = tracestate
+    pb.trace_state = tracestate
+    rec.source = MessageSource([pb])
     return rec
 
 
@@ -641,7 +642,7 @@ def test_mark_forwarded_writes_reason_and_th_and_parses_back() -> None:
     tracestate = "vendor=abc,ot=rv:ffffffffffffff;th:8;k1:13"
     span = make(tracestate=tracestate, attrs={"sampling.reason": "stale", "x": "y"})
     [item] = decide_all(sampler, [span])
-    mark_forwarded(span, item)
+    mark_forwarded(span.pb, item)
     assert span.pb.trace_state == f"ot=rv:ffffffffffffff;k1:13;th:{TH_10_PERCENT},vendor=abc"
     assert parse_tracestate(span.pb.trace_state) == OtelTraceState(
         threshold=th_to_threshold(TH_10_PERCENT), randomness=LUCKY
@@ -652,7 +653,7 @@ def test_mark_forwarded_writes_reason_and_th_and_parses_back() -> None:
     assert span.tracestate == tracestate  # the record keeps what arrived
     # idempotent, and the span still serialises and parses
     once = span.pb.SerializeToString()
-    mark_forwarded(span, item)
+    mark_forwarded(span.pb, item)
     assert span.pb.SerializeToString() == once
     assert Span.FromString(once).trace_state == span.pb.trace_state
 
@@ -661,7 +662,7 @@ def test_mark_forwarded_erases_an_inconsistent_upstream_th() -> None:
     sampler = TraceSampler(policy(probability=1.0))
     span = make(trace=trace_id(1, UNLUCKY), tracestate="ot=th:8;k1:13")
     [item] = decide_all(sampler, [span])
-    mark_forwarded(span, item)
+    mark_forwarded(span.pb, item)
     assert span.pb.trace_state == "ot=k1:13"
 
 
@@ -670,7 +671,7 @@ def test_mark_forwarded_refuses_a_dropped_span() -> None:
     span = make()
     [item] = decide_all(sampler, [span])
     with pytest.raises(ValueError, match="dropped"):
-        mark_forwarded(span, item)
+        mark_forwarded(span.pb, item)
 
 
 def test_policy_must_be_a_sampling_policy() -> None:
