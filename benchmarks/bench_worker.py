@@ -11,8 +11,12 @@ Starts (or reuses) a local stack under ``.stack-bench/`` on its own ports, publi
 traces once (event time in the past, one ~100-span message per trace), then for each worker
 count runs that many `trace-processor worker` processes with a fresh consumer group over the
 same topic and prints spans/s (from the workers' progress lines, first span to last span),
-peak RSS per worker (VmHWM) and how long after the last span the last window reached MLflow.
+peak RSS per worker (VmHWM), how long after the last span the last window reached MLflow and
+the most traces (trace buffers) and spans (samplers) a worker held at once.
 No assertions: the numbers are the result.
+
+The traces' event times follow ``--event-rate`` (traces per second): 500, the default, is a
+live stream of 50,000 spans/s; with the allowed lateness it sets how much the buffers hold.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from processor.settings import StackSettings
 from processor.stack import LocalStack
 
 PROGRESS = re.compile(r"progress messages=(\d+) spans=(\d+) .* monotonic=([\d.]+)")
+BUFFERS = re.compile(r"buffered_traces=(\d+) sampler_spans=(\d+)")
 console = Console()
 
 
@@ -44,6 +49,13 @@ def main() -> None:
     parser.add_argument("--trace-size", type=int, default=100)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument(
+        "--lateness-ms",
+        type=int,
+        default=5_000,
+        help="the workers' allowed lateness (the default's): with the event rate, it sets how "
+        "many traces and spans the buffers hold",
+    )
     parser.add_argument(
         "--event-rate",
         type=float,
@@ -102,6 +114,7 @@ def main() -> None:
         "peak RSS per worker (MiB)",
         "last window in MLflow after last span (s)",
         "machine CPU busy (all processes)",
+        "peak traces / sampler spans buffered per worker",
     )
     for count in args.workers:
         name = f"bench-{run_id}-{count}w"
@@ -125,7 +138,7 @@ def main() -> None:
             # Phoenix on this machine stores a few hundred spans/s (its own ingest is the
             # bottleneck, see bench_phoenix.py): count a batch as delivered when accepted.
             "PROCESSOR_PHOENIX_CONFIRM_STORED": "false",
-            "PROCESSOR_ALLOWED_LATENESS_MS": "30000",
+            "PROCESSOR_ALLOWED_LATENESS_MS": str(args.lateness_ms),
             "PROCESSOR_IDLE_TIMEOUT_MS": "3000",
             "PROCESSOR_PROGRESS_LOG_INTERVAL_S": "1",
             "PROCESSOR_DATA_DIR": str(state / "faust" / name),
@@ -164,6 +177,7 @@ def main() -> None:
             ", ".join(f"{peak:.0f}" for peak in peaks),
             f"{written_after:.1f}",
             f"{_busy_share(cpu_samples, first, last):.0%}",
+            ", ".join(f"{traces:,} / {spans:,}" for traces, spans in map(_peak_buffers, logs)),
         )
     console.print(table)
 
@@ -271,6 +285,12 @@ def _wait_for_last_window(logs: list[Path], timeout_s: float) -> float:
             return last_change
         time.sleep(1)
     return float("nan")
+
+
+def _peak_buffers(log: Path) -> tuple[int, int]:
+    """The most traces in the trace buffers, and spans in the samplers', one worker logged."""
+    found = BUFFERS.findall(log.read_text(errors="replace"))
+    return max((int(t) for t, _ in found), default=0), max((int(s) for _, s in found), default=0)
 
 
 def _peak_rss_mib(pid: int) -> float:

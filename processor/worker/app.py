@@ -311,15 +311,18 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
     @app.timer(settings.progress_log_interval_s)
     async def log_progress() -> None:
         counters = stage1.counters
+        aggregators = list(stage1.partitions.values())
         log.info(
             "progress messages=%d spans=%d dead_letters=%d partials=%d windows_written=%d "
-            "skipped=%d monotonic=%.3f",
+            "skipped=%d buffered_traces=%d sampler_spans=%d monotonic=%.3f",
             counters.messages,
             counters.spans,
             counters.dead_letters,
             counters.partials,
             stage2.windows_written,
             counters.skipped_messages,
+            sum(aggregator.assembler.stats.traces for aggregator in aggregators),
+            sum(a.sampler.stats.buffered_spans for a in aggregators if a.sampler is not None),
             time.monotonic(),
         )
 
