@@ -6,7 +6,11 @@ answers 503 or 401, a server that never answers), never to a mock of MLflow's cl
 
 from __future__ import annotations
 
+import importlib
+import importlib.abc
+import importlib.util
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +24,13 @@ import pytest
 from processor.core.aggregate import WindowAggregate
 from processor.core.rollup import FinalRollup, SeriesKey
 from processor.errors import RetryableExportError
-from processor.sinks.mlflow_writer import RollupWriter, run_key, run_name, utc_day
+from processor.sinks.mlflow_writer import (
+    DATABRICKS_PROBES,
+    RollupWriter,
+    run_key,
+    run_name,
+    utc_day,
+)
 from processor.sinks.phoenix_links import trace_url, ui_base_url
 
 SCHEMA = orjson.loads(
@@ -246,3 +256,40 @@ def test_constructor_rejects_what_cannot_work() -> None:
         RollupWriter(tracking_uri="127.0.0.1:5000", experiment_name="x")
     with pytest.raises(ValueError, match="MLFLOW_EXPERIMENT_NAME"):
         RollupWriter(tracking_uri="http://127.0.0.1:5000", experiment_name=" ")
+
+
+class _RecordingFinder(importlib.abc.MetaPathFinder):
+    """Notes every module the import system goes looking for."""
+
+    def __init__(self) -> None:
+        self.searched: list[str] = []
+
+    def find_spec(self, fullname: str, path: object, target: object = None) -> None:
+        self.searched.append(fullname)
+        return None  # the next finders search as usual
+
+
+def test_the_mlflow_client_no_longer_searches_for_databricks_modules_at_every_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The client imports Databricks-only modules before each request; where they are not
+    installed, every attempt searched sys.path again (a fifth of a window write's CPU)."""
+    for name in DATABRICKS_PROBES:
+        if name in sys.modules and sys.modules[name] is None:  # left by an earlier writer
+            monkeypatch.delitem(sys.modules, name)
+    missing = [name for name in DATABRICKS_PROBES if importlib.util.find_spec(name) is None]
+    assert missing, "this machine has every Databricks module: nothing to spare"
+    for name in missing:
+        monkeypatch.setitem(sys.modules, name, sys.modules.get(name))  # restored afterwards
+        del sys.modules[name]
+
+    _writer()
+
+    finder = _RecordingFinder()
+    monkeypatch.setattr(sys, "meta_path", [finder, *sys.meta_path])
+    for name in missing:
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(name)
+    assert finder.searched == []
+    # and what is installed still imports
+    importlib.import_module("orjson")
