@@ -114,6 +114,7 @@ def main() -> None:
         "peak RSS per worker (MiB)",
         "last window in MLflow after last span (s)",
         "machine CPU busy (all processes)",
+        "spans per CPU-second of a worker",
         "peak traces / sampler spans buffered per worker",
     )
     for count in args.workers:
@@ -157,7 +158,10 @@ def main() -> None:
                 )
         try:
             cpu_samples: list[tuple[float, int, int]] = []
-            first, last = _wait_for_all_spans(logs, total_spans, 900, cpu_samples)
+            worker_cpu: list[tuple[float, float]] = []
+            first, last = _wait_for_all_spans(
+                logs, total_spans, 900, cpu_samples, [p.pid for p in processes], worker_cpu
+            )
             finished = time.monotonic()
             written_after = _wait_for_last_window(logs, timeout_s=300) - finished
             peaks = [_peak_rss_mib(process.pid) for process in processes]
@@ -177,6 +181,7 @@ def main() -> None:
             ", ".join(f"{peak:.0f}" for peak in peaks),
             f"{written_after:.1f}",
             f"{_busy_share(cpu_samples, first, last):.0%}",
+            f"{total_spans / _cpu_seconds(worker_cpu, first, last) / count:,.0f}",
             ", ".join(f"{traces:,} / {spans:,}" for traces, spans in map(_peak_buffers, logs)),
         )
     console.print(table)
@@ -222,16 +227,23 @@ def _progress(log: Path) -> list[tuple[float, int]]:
 
 
 def _wait_for_all_spans(
-    logs: list[Path], total: int, timeout_s: float, cpu_samples: list[tuple[float, int, int]]
+    logs: list[Path],
+    total: int,
+    timeout_s: float,
+    cpu_samples: list[tuple[float, int, int]],
+    pids: list[int],
+    worker_cpu: list[tuple[float, float]],
 ) -> tuple[float, float]:
     """Monotonic times of the first progress line with spans and of the one reaching total.
 
-    Appends (monotonic, busy ticks, all ticks) of the whole machine to ``cpu_samples`` each
-    second meanwhile.
+    Appends (monotonic, busy ticks, all ticks) of the whole machine to ``cpu_samples`` and
+    (monotonic, CPU seconds of the workers ``pids`` together) to ``worker_cpu`` each second
+    meanwhile.
     """
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         cpu_samples.append((time.monotonic(), *_cpu_ticks()))
+        worker_cpu.append((time.monotonic(), sum(map(_process_cpu_seconds, pids))))
         series = [_progress(log) for log in logs]
         done = sum(points[-1][1] for points in series if points)
         if done >= total:
@@ -256,6 +268,23 @@ def _cpu_ticks() -> tuple[int, int]:
     fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = fields[3] + fields[4]  # idle and iowait
     return sum(fields) - idle, sum(fields)
+
+
+def _process_cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(samples: list[tuple[float, float]], first: float, last: float) -> float:
+    """CPU seconds the workers used from ``first`` to ``last``, from the samples around them.
+
+    Unlike spans/s this does not depend on how much of the machine the workers got: on a
+    shared machine it is the steadier measure of their cost per span.
+    """
+    before = max((s for s in samples if s[0] <= first), default=samples[0])
+    after = min((s for s in samples if s[0] >= last), default=samples[-1])
+    return after[1] - before[1]
 
 
 def _busy_share(samples: list[tuple[float, int, int]], first: float, last: float) -> float:

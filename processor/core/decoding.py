@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import math
 import re
+from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
@@ -35,6 +36,7 @@ from processor.core import semconv
 from processor.core.sampling.threshold import MAX_ADJUSTED_COUNT, extra_weight
 from processor.core.sampling.tracestate import parse_tracestate
 from processor.core.sketch import WEIGHT_ONE
+from processor.core.slim_otlp import SlimRequest
 from processor.core.spans import (
     COST_NANOS_PER_USD,
     NANOS_PER_MILLI,
@@ -64,22 +66,43 @@ _ZERO_SPAN_ID = bytes(8)
 _STATUS_ERROR = Status.STATUS_CODE_ERROR
 
 
+def decode_spans(
+    payload: bytes, content_type: str | None, config: semconv.ExtractionConfig
+) -> DecodedMessage:
+    """``extract_spans(decode_request(...))`` as the worker needs it, for less: a protobuf
+    message is parsed once, through ``slim_otlp``, and with the OTLP classes again only when
+    one of its spans goes to Phoenix or to the dead-letter topic (``MessageSource``)."""
+    _check_size(payload)
+    if _encoding_of(payload, content_type) == "json":
+        request = _parse_json(payload)
+        return extract_spans(request, config, payload=payload, content_type=content_type)
+    slim = _parse_protobuf(payload, SlimRequest)
+    if not slim.resource_spans:
+        raise DecodeError("not_otlp_traces", "no resourceSpans in a non-empty message")
+    source = MessageSource(None, payload, partial(_spans_of_payload, content_type))
+    return _extract(slim, config, source, payload_size=len(payload))
+
+
 def decode_request(payload: bytes, content_type: str | None = None) -> ExportTraceServiceRequest:
     """Parse one message. The encoding comes from ``content_type``, else from the bytes."""
+    _check_size(payload)
+    if _encoding_of(payload, content_type) == "json":
+        # An explicit ``"resourceSpans": []`` is a valid, empty request.
+        return _parse_json(payload)
+    request: ExportTraceServiceRequest = _parse_protobuf(payload, ExportTraceServiceRequest)
+    if not request.resource_spans:
+        # Non-empty bytes that parse to nothing are unknown fields only: not a trace export.
+        raise DecodeError("not_otlp_traces", "no resourceSpans in a non-empty message")
+    return request
+
+
+def _check_size(payload: bytes) -> None:
     if not payload:
         raise DecodeError("empty_message", "the message has no bytes")
     if len(payload) > MAX_MESSAGE_BYTES:
         raise DecodeError(
             "message_too_large", f"{len(payload)} bytes, the limit is {MAX_MESSAGE_BYTES}"
         )
-    if _encoding_of(payload, content_type) == "json":
-        # An explicit ``"resourceSpans": []`` is a valid, empty request.
-        return _parse_json(payload)
-    request = _parse_protobuf(payload)
-    if not request.resource_spans:
-        # Non-empty bytes that parse to nothing are unknown fields only: not a trace export.
-        raise DecodeError("not_otlp_traces", "no resourceSpans in a non-empty message")
-    return request
 
 
 def _encoding_of(payload: bytes, content_type: str | None) -> str:
@@ -99,9 +122,9 @@ def _encoding_of(payload: bytes, content_type: str | None) -> str:
     return "json" if payload.lstrip()[:1] in (b"{", b"[") else "protobuf"
 
 
-def _parse_protobuf(payload: bytes) -> ExportTraceServiceRequest:
+def _parse_protobuf(payload: bytes, message_class: Any) -> Any:
     try:
-        return ExportTraceServiceRequest.FromString(payload)
+        return message_class.FromString(payload)
     except ProtobufDecodeError as exc:
         raise DecodeError("invalid_protobuf", str(exc) or "truncated or malformed") from exc
 
@@ -182,8 +205,23 @@ def extract_spans(
     the records' message can be released once handled (``MessageSource``); without it, the
     records hold the parsed request.
     """
-    if payload is not None:
-        payload_size = len(payload)
+    spans = [
+        span
+        for resource_spans in request.resource_spans
+        for scope_spans in resource_spans.scope_spans
+        for span in scope_spans.spans
+    ]
+    parse = partial(_spans_of_payload, content_type) if payload else None
+    source = MessageSource(spans, payload, parse)
+    slim = SlimRequest.FromString(request.SerializeToString())
+    return _extract(slim, config, source, payload_size=len(payload) if payload else payload_size)
+
+
+def _extract(
+    request: Any, config: semconv.ExtractionConfig, source: MessageSource, *, payload_size: int
+) -> DecodedMessage:
+    """``extract_spans`` on a request read through ``slim_otlp``, whose spans ``source``
+    gives back as OTLP spans (the same spans, in the same order)."""
     total = sum(
         len(scope.spans) for resource in request.resource_spans for scope in resource.scope_spans
     )
@@ -193,14 +231,11 @@ def extract_spans(
         )
     check_sizes = payload_size == 0 or payload_size > config.max_attribute_value_bytes
     spans: list[SpanRecord] = []
-    rejected: list[RejectedSpan] = []
-    in_order: list[Span] = []
+    problems: list[tuple[str, str, int, SpanOrigin]] = []
+    position = 0
     # Spans of one trace mostly come together: one trace id object for them all, not one
     # per span (49 bytes each, for as long as a span waits in a buffer).
     trace_ids: dict[bytes, bytes] = {}
-    source = MessageSource(
-        in_order, payload, partial(_spans_of_payload, content_type) if payload else None
-    )
     for resource_spans in request.resource_spans:
         # Copies: the origin outlives the parsed request, which it must not keep alive.
         resource = Resource()
@@ -224,18 +259,24 @@ def extract_spans(
                     span,
                     origin,
                     source,
-                    len(in_order),
+                    position,
                     trace_ids,
                     config,
                     resource_dimensions,
                     check_sizes,
                 )
-                in_order.append(span)
                 if isinstance(outcome, SpanRecord):
                     spans.append(outcome)
                 else:
-                    reason, detail = outcome
-                    rejected.append(RejectedSpan(reason, detail, span, origin))
+                    problems.append((*outcome, position, origin))
+                position += 1
+    rejected: list[RejectedSpan] = []
+    if problems:
+        source.hold()  # one parse for all of them; released with the message
+        rejected = [
+            RejectedSpan(reason, detail, source.span_at(at), origin)
+            for reason, detail, at, origin in problems
+        ]
     return DecodedMessage(spans=spans, rejected=rejected, source=source)
 
 
@@ -264,13 +305,12 @@ def _problem_of(
     return None
 
 
-def _size_problem(span: Span, limit: int) -> tuple[str, str] | None:
-    for kv in span.attributes:
-        value = kv.value
+def _size_problem(attributes: Mapping[str, AnyValue], limit: int) -> tuple[str, str] | None:
+    for key, value in attributes.items():
         # ByteSize() is an upper bound of the payload (it adds a tag and a length), so the
         # exact measure is only needed for the rare value near the limit.
         if value.ByteSize() > limit and _value_bytes(value) > limit:
-            return "attribute_too_large", f"attribute {kv.key!r} is over {limit} bytes"
+            return "attribute_too_large", f"attribute {key!r} is over {limit} bytes"
     return None
 
 
@@ -284,7 +324,7 @@ def _value_bytes(value: AnyValue) -> int:
 
 
 def _record_of(
-    span: Span,
+    span: Any,
     origin: SpanOrigin,
     source: MessageSource,
     position: int,
@@ -293,7 +333,8 @@ def _record_of(
     resource_dimensions: dict[str, str],
     check_sizes: bool,
 ) -> SpanRecord | tuple[str, str]:
-    """The span's record, or the (reason, detail) of the rule it breaks."""
+    """The record of ``span`` (read through ``slim_otlp``), or the (reason, detail) of the
+    rule it breaks."""
     # Each field of a upb message is read once: every read builds a new Python object.
     trace_id = span.trace_id
     span_id = span.span_id
@@ -302,19 +343,13 @@ def _record_of(
     end_ns = span.end_time_unix_nano
     problem = _problem_of(trace_id, span_id, parent_span_id, start_ns, end_ns)
     if problem is None and check_sizes:
-        problem = _size_problem(span, config.max_attribute_value_bytes)
+        problem = _size_problem(span.attributes, config.max_attribute_value_bytes)
     if problem is not None:
         return problem
     trace_id = trace_ids.setdefault(trace_id, trace_id)
 
-    # Only the AnyValue of a wanted key is touched: most attributes (input.value, output.value,
-    # metadata) are skipped after one set lookup, without reading their value.
-    wanted = config.wanted_keys
-    found: dict[str, AnyValue] = {}
-    for kv in span.attributes:
-        key = kv.key
-        if key in wanted:
-            found[key] = kv.value
+    # The attributes as a map: only the wanted ones become Python objects.
+    found: Mapping[str, AnyValue] = span.attributes
 
     own_agent = None
     for name in config.agent_attributes:
@@ -387,7 +422,7 @@ def _record_of(
     )
 
 
-def _tokens_of(found: dict[str, AnyValue], name: str, fallback: str) -> int:
+def _tokens_of(found: Mapping[str, AnyValue], name: str, fallback: str) -> int:
     """OpenInference's count when the attribute is there, else the GenAI one."""
     value = found.get(name)
     return _int_of(value if value is not None else found.get(fallback))
@@ -413,7 +448,7 @@ def _int_of(value: AnyValue | None) -> int:
 
 
 def _cost_usd(
-    found: dict[str, AnyValue], prompt: int, completion: int, config: semconv.ExtractionConfig
+    found: Mapping[str, AnyValue], prompt: int, completion: int, config: semconv.ExtractionConfig
 ) -> float:
     cost = _usd_of(found.get(semconv.COST_TOTAL))
     if cost is not None:

@@ -33,21 +33,24 @@ class SpanOrigin:
 class MessageSource:
     """The message a record's span came in: the record's way back to its protobuf span.
 
-    While the message is being handled its parsed spans are held; after that (``release``)
-    only the payload is, and a span is parsed again when asked for. upb keeps a whole parsed
-    message alive while any part of it is referenced, so a span waiting in a buffer for its
-    trace's decision would otherwise keep ~2 KiB of parsed message per span (measured), where
-    its share of the payload is what it took on the wire.
+    It keeps the message's payload and, while held (``hold``, until ``release``), its spans
+    as parsed by the OTLP classes; a span asked for while not held is parsed again. upb keeps
+    a whole parsed message alive while any part of it is referenced, so a span waiting in a
+    buffer for its trace's decision would otherwise keep ~2 KiB of parsed message (measured),
+    where its share of the payload is what it took on the wire.
     """
 
     __slots__ = ("_parse", "_payload", "_spans")
 
     def __init__(
         self,
-        spans: list[Span],
+        spans: list[Span] | None,
         payload: bytes | None = None,
         parse: Callable[[bytes], list[Span]] | None = None,
     ) -> None:
+        """``spans`` parsed already (held), or None to parse ``payload`` when asked."""
+        if spans is None and (payload is None or parse is None):
+            raise ValueError("a source needs its spans, or a payload and a way to parse it")
         self._spans: list[Span] | None = spans
         # Without a payload and a way to parse it the spans are held for good.
         self._payload = payload if parse is not None else None

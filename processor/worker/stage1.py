@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 
 from processor.clock import Clock
 from processor.core.attribution import TraceAssembler
-from processor.core.decoding import decode_request, extract_spans
+from processor.core.decoding import decode_spans
 from processor.core.partition import AdvanceResult, Checkpoint, PartitionAggregator
 from processor.core.repartition import SOURCE_HEADER, SourceMarks, parse_source_tag
 from processor.core.rollup import PartialRollup, PartitionProgress
@@ -186,10 +186,7 @@ class Stage1:
         content_type = headers.get("content-type")
         media_type = content_type.decode("latin-1") if content_type else None
         try:
-            request = decode_request(payload, media_type)
-            decoded = extract_spans(
-                request, self._extraction, payload=payload, content_type=media_type
-            )
+            decoded = decode_spans(payload, media_type, self._extraction)
         except InvalidInput as exc:
             aggregator.watermark.touch(self._clock())
             await self._dead_letter(payload, exc.reason, exc.detail, partition, offset, key)
@@ -212,6 +209,7 @@ class Stage1:
         now_ms = self._clock()
         future = [span for span in decoded.spans if span.end_ms > now_ms + MAX_CLOCK_SKEW_MS]
         if future:
+            decoded.source.hold()  # their protobuf spans go to the dead-letter topic
             # One span from a clock far ahead would drag the watermark along and make every
             # later span of the partition late: it is the input's fault, so a dead letter.
             decoded.spans = [

@@ -8,7 +8,9 @@ that would stop the partition.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
+from functools import partial
 
 import orjson
 import pytest
@@ -29,9 +31,11 @@ from spanbuilder import (
 )
 
 from processor.core import decoding
-from processor.core.decoding import decode_request, extract_spans
+from processor.core.decoding import decode_request, decode_spans, extract_spans
 from processor.core.semconv import ExtractionConfig, ModelPrice
+from processor.core.spans import SpanRecord
 from processor.errors import DecodeError, InvalidInput
+from processor.loadgen import Scenario, TraceGenerator
 
 CONFIG = ExtractionConfig()
 
@@ -319,11 +323,14 @@ def test_encoding_comes_from_the_content_type_else_from_the_bytes(
     if reason is None:
         [record] = extract_spans(decode_request(payload, content_type), CONFIG).spans
         assert record.trace_id == tid(1)
+        [record] = decode_spans(payload, content_type, CONFIG).spans
+        assert record.trace_id == tid(1)
     else:
-        with pytest.raises(DecodeError) as caught:
-            decode_request(payload, content_type)
-        assert caught.value.reason == reason
-        assert caught.value.detail
+        for decode in (decode_request, partial(decode_spans, config=CONFIG)):
+            with pytest.raises(DecodeError) as caught:
+                decode(payload, content_type)
+            assert caught.value.reason == reason
+            assert caught.value.detail
 
 
 # --- invalid messages --------------------------------------------------------------------------
@@ -375,13 +382,14 @@ def with_attribute_value(raw_value: bytes) -> bytes:
 def test_an_undecodable_message_raises_decode_error_with_a_readable_reason(
     payload: bytes, content_type: str | None, reason: str, detail_part: str
 ) -> None:
-    with pytest.raises(DecodeError) as caught:
-        decode_request(payload, content_type)
+    for decode in (decode_request, partial(decode_spans, config=CONFIG)):
+        with pytest.raises(DecodeError) as caught:
+            decode(payload, content_type)
 
-    assert caught.value.reason == reason
-    assert detail_part in caught.value.detail
-    assert str(caught.value).startswith(reason)
-    assert isinstance(caught.value, InvalidInput)  # the worker dead-letters InvalidInput
+        assert caught.value.reason == reason
+        assert detail_part in caught.value.detail
+        assert str(caught.value).startswith(reason)
+        assert isinstance(caught.value, InvalidInput)  # the worker dead-letters InvalidInput
 
 
 @pytest.mark.parametrize(
@@ -394,18 +402,21 @@ def test_an_undecodable_message_raises_decode_error_with_a_readable_reason(
 )
 def test_invalid_utf8_in_a_protobuf_string_is_a_decode_error(raw: bytes) -> None:
     # upb validates proto3 strings while parsing and refuses the whole message
-    with pytest.raises(DecodeError) as caught:
-        decode_request(with_attribute_value(raw))
+    for decode in (decode_request, partial(decode_spans, config=CONFIG)):
+        with pytest.raises(DecodeError) as caught:
+            decode(with_attribute_value(raw), None)
 
-    assert caught.value.reason == "invalid_protobuf"
-    assert "UTF-8" in caught.value.detail
+        assert caught.value.reason == "invalid_protobuf"
+        assert "UTF-8" in caught.value.detail
 
 
 def test_invalid_utf8_in_a_span_name_is_a_decode_error() -> None:
+    # the worker reads spans through slim_otlp, which must refuse what OTLP's classes refuse
     payload = payload_of([span_pb(name="name-XY")]).replace(b"name-XY", b"name-\xc3\x28")
-    with pytest.raises(DecodeError) as caught:
-        decode_request(payload)
-    assert caught.value.reason == "invalid_protobuf"
+    for decode in (decode_request, partial(decode_spans, config=CONFIG)):
+        with pytest.raises(DecodeError) as caught:
+            decode(payload, None)
+        assert caught.value.reason == "invalid_protobuf"
 
 
 def test_a_message_over_the_size_limit_is_refused_before_parsing(
@@ -469,18 +480,18 @@ def test_a_span_that_breaks_a_rule_is_rejected_with_its_reason(
     good = span_pb(trace=99, span=99)
     message = request_of([good, span, good], resource={"service.name": "svc"})
 
-    decoded = extract_spans(message, config)
-
-    if reason is None:
-        assert len(decoded.spans) == 3 and decoded.rejected == []
-    else:
-        # the rejected span keeps what the dead-letter topic needs; its neighbours go on
-        [rejected] = decoded.rejected
-        assert rejected.reason == reason
-        assert rejected.detail
-        assert rejected.pb == span
-        assert rejected.origin.service_name == "svc"
-        assert [r.span_id for r in decoded.spans] == [sid(99), sid(99)]
+    payload = message.SerializeToString()
+    for decoded in (extract_spans(message, config), decode_spans(payload, None, config)):
+        if reason is None:
+            assert len(decoded.spans) == 3 and decoded.rejected == []
+        else:
+            # the rejected span keeps what the dead-letter topic needs; its neighbours go on
+            [rejected] = decoded.rejected
+            assert rejected.reason == reason
+            assert rejected.detail
+            assert rejected.pb == span
+            assert rejected.origin.service_name == "svc"
+            assert [r.span_id for r in decoded.spans] == [sid(99), sid(99)]
 
 
 @pytest.mark.parametrize(
@@ -660,3 +671,32 @@ def test_link_ids_in_otlp_json_are_hex_too() -> None:
     decoded = decode_request(orjson.dumps(document))
 
     assert decoded == message
+
+
+def test_the_worker_reading_gives_the_records_the_otlp_classes_give() -> None:
+    """``decode_spans`` reads spans through slim_otlp's map of attributes; its records, and
+    the spans it hands to Phoenix, are those of ``extract_spans(decode_request(...))``."""
+    scenario = Scenario(agents=4, trace_size=30, seed=3, error_rate=0.2)
+    config = ExtractionConfig(
+        dimension_attributes=("session.id", "service.name"),
+        prices={"gpt-4o-mini": ModelPrice(prompt_per_million=0.15, completion_per_million=0.6)},
+    )
+    compared = 0
+    for trace in TraceGenerator(scenario, start_ms=T0_MS, rate=50.0).generate(40):
+        payload = trace.payload
+        ours = decode_spans(payload, None, config)
+        theirs = extract_spans(decode_request(payload), config)
+        assert [_fields(r) for r in ours.spans] == [_fields(r) for r in theirs.spans]
+        assert [r.pb for r in ours.spans] == [r.pb for r in theirs.spans]
+        assert ours.rejected == theirs.rejected == []
+        compared += len(ours.spans)
+    assert compared > 500
+
+
+def _fields(record: SpanRecord) -> tuple[object, ...]:
+    """A record's fields, its origin's by value (origins compare by identity)."""
+    values = {field.name: getattr(record, field.name) for field in dataclasses.fields(record)}
+    del values["source"]
+    origin = values.pop("origin")
+    values["origin"] = tuple(getattr(origin, f.name) for f in dataclasses.fields(origin))
+    return tuple(values.items())

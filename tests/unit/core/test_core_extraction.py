@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 import pytest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from spanbuilder import request, request_of, resource_spans, span_pb
 
 from processor.core.decoding import extract_spans
@@ -271,3 +272,16 @@ def test_every_config_reads_its_own_dimension_attributes() -> None:
 def test_bad_configuration_is_refused_when_built(build: Any) -> None:
     with pytest.raises(ValueError, match="must"):
         build()
+
+
+def test_an_attribute_sent_twice_counts_with_its_last_value() -> None:
+    """OTLP allows a key twice in a span's list; like readers that build a map from it, the
+    last value wins (and only once): the same for a span read through slim_otlp's map."""
+    span = span_pb(attrs={**LLM, "llm.token_count.prompt": 1})
+    span.attributes.append(KeyValue(key="llm.token_count.prompt", value=AnyValue(int_value=500)))
+    span.attributes.append(KeyValue(key="agent.name"))  # no value at all: not an agent
+    span.attributes.append(KeyValue(key="agent.name", value=AnyValue(string_value="planner")))
+    [record] = extract_spans(request_of([span]), CONFIG).spans
+    assert (record.tokens_prompt, record.tokens_total) == (500, 500)
+    assert record.own_agent == "planner"
+    assert record.pb == span  # what goes to Phoenix keeps the list as it came
