@@ -52,6 +52,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
+from processor.core.sampling.policy import KEEP_REASONS
 from processor.errors import ConfigurationError
 from processor.settings import WorkerSettings
 from processor.worker.health import (
@@ -70,6 +71,7 @@ if TYPE_CHECKING:  # `trace-processor status` imports this module: no MLflow or 
     import faust
 
     from processor.core.partition import PartitionAggregator
+    from processor.core.sampling import SamplingStats
     from processor.sinks.mlflow_writer import RollupWriter
     from processor.worker.commits import CommitLedger
     from processor.worker.forwarding import SpanForwarder
@@ -103,6 +105,8 @@ class Stage1View(Protocol):
     def counters(self) -> Stage1Counters: ...
     @property
     def partitions(self) -> Mapping[int, PartitionAggregator]: ...
+    @property
+    def samples(self) -> bool: ...
 
 
 class WrittenWindowView(Protocol):
@@ -142,8 +146,13 @@ class CarriedTotals:
     object is replaced or gone, the old object's final counts join the partition's total.
     """
 
-    def __init__(self, fields: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        fields: tuple[str, ...],
+        read: Callable[[Any, str], int] = getattr,
+    ) -> None:
         self._fields = fields
+        self._read = read  # (stats object, field name) -> count
         self._live: dict[int, object] = {}
         self._retired: dict[int, dict[str, int]] = {}
 
@@ -152,16 +161,17 @@ class CarriedTotals:
             if current.get(partition) is not old:
                 retired = self._retired.setdefault(partition, dict.fromkeys(self._fields, 0))
                 for name in self._fields:
-                    retired[name] += getattr(old, name)
+                    retired[name] += self._read(old, name)
         self._live = dict(current)
 
     def totals(self) -> dict[int, dict[str, int]]:
         result: dict[int, dict[str, int]] = {}
+        read = self._read
         for partition in sorted(self._retired.keys() | self._live.keys()):
             retired = self._retired.get(partition)
             live = self._live.get(partition)
             result[partition] = {
-                name: (retired[name] if retired else 0) + (getattr(live, name) if live else 0)
+                name: (retired[name] if retired else 0) + (read(live, name) if live else 0)
                 for name in self._fields
             }
         return result
@@ -169,6 +179,24 @@ class CarriedTotals:
 
 _PARTITION_COUNTERS = ("spans", "late_spans", "overflow_spans", "windows_closed", "replayed_spans")
 _ASSEMBLER_COUNTERS = ("evicted_traces", "resolved_without_parent")
+# The sampler's outcomes as (decision, policy) labels of sampling_spans_total.
+_DROPPED_NOT_SAMPLED, _DROPPED_RATE_LIMITED = "dropped:not_sampled", "dropped:rate_limited"
+_SAMPLER_COUNTERS = (
+    *(f"kept:{reason}" for reason in KEEP_REASONS),
+    _DROPPED_NOT_SAMPLED,
+    _DROPPED_RATE_LIMITED,
+    "decided_early",
+)
+
+
+def _read_sampling(stats: SamplingStats, name: str) -> int:
+    if name.startswith("kept:"):
+        return stats.spans_kept[name[len("kept:") :]]
+    if name == _DROPPED_NOT_SAMPLED:
+        return stats.spans_dropped - stats.spans_rate_limited
+    if name == _DROPPED_RATE_LIMITED:
+        return stats.spans_rate_limited
+    return int(getattr(stats, name))
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +236,7 @@ class StageCollector(Collector):
         self._info = dict(info)
         self._partition_totals = CarriedTotals(_PARTITION_COUNTERS)
         self._assembler_totals = CarriedTotals(_ASSEMBLER_COUNTERS)
+        self._sampler_totals = CarriedTotals(_SAMPLER_COUNTERS, _read_sampling)
 
     def describe(self) -> Iterable[Metric]:
         return []  # no collect() at registration: the stages may not be running yet
@@ -217,6 +246,9 @@ class StageCollector(Collector):
         aggregators = dict(self._stage1.partitions)
         self._partition_totals.update({p: a.stats for p, a in aggregators.items()})
         self._assembler_totals.update({p: a.assembler.stats for p, a in aggregators.items()})
+        self._sampler_totals.update(
+            {p: a.sampler.stats for p, a in aggregators.items() if a.sampler is not None}
+        )
 
     def collect(self) -> Iterator[Metric]:
         self.sweep()
@@ -266,15 +298,27 @@ class StageCollector(Collector):
         total_in = sum(counters.spans_by_partition.values())
         sampling = CounterMetricFamily(
             PREFIX + "sampling_spans",
-            "Sampling decisions on spans, by decision and policy (policy 'all' until "
-            "sampling policies exist).",
+            "Sampling decisions on spans, by decision and policy: the reason a span was kept, "
+            "or why it was dropped.",
             labels=["decision", "policy"],
         )
-        if self._forwarder is not None:
+        sampled = self._sampler_totals.totals()
+        if self._forwarder is None:
+            sampling.add_metric(["dropped", "phoenix_disabled"], total_in)
+        elif not self._stage1.samples:
             sampling.add_metric(["kept", "all"], total_in)
         else:
-            sampling.add_metric(["dropped", "phoenix_disabled"], total_in)
+            for name in _SAMPLER_COUNTERS[:-1]:
+                decision, policy = name.split(":")
+                sampling.add_metric(
+                    [decision, policy], sum(counts[name] for counts in sampled.values())
+                )
         yield sampling
+        yield _per_partition(
+            "sampling_decided_early_traces",
+            "Traces decided before their root's end plus grace: pushed out by the bounds.",
+            {p: counts["decided_early"] for p, counts in sampled.items()},
+        )
 
     def _buffer_metrics(self) -> Iterator[Metric]:
         aggregators = dict(self._stage1.partitions)
@@ -475,6 +519,7 @@ METRIC_NAMES = tuple(
         "windows_closed_total",
         "partials_sent_total",
         "sampling_spans_total",
+        "sampling_decided_early_traces_total",
         "trace_buffer_traces",
         "trace_buffer_waiting_spans",
         "open_windows",

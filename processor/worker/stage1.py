@@ -122,6 +122,11 @@ class Stage1:
         self._marks: dict[int, SourceMarks] = {}
         self.counters = Stage1Counters()
 
+    @property
+    def samples(self) -> bool:
+        """Whether a sampler decides which spans go to Phoenix (else all of them do)."""
+        return self._sampling is not None
+
     def assign(self, partition: int, checkpoint: Checkpoint | None) -> None:
         """Take over ``partition``, resuming from the checkpoint committed with its offset."""
         aggregator = PartitionAggregator(

@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from processor.core.rollup import FinalRollup
+from processor.core.sampling import SamplingPolicy
 from processor.core.semconv import ExtractionConfig
 from processor.settings import WorkerSettings
 from processor.sinks.phoenix import PhoenixExporter, RetryPolicy
@@ -91,7 +92,11 @@ class Pipeline:
 
 
 def pipeline(
-    *, forwarder: SpanForwarder | None = None, max_traces: int = 2, assigned: bool = True
+    *,
+    forwarder: SpanForwarder | None = None,
+    max_traces: int = 2,
+    assigned: bool = True,
+    sampling: SamplingPolicy | None = None,
 ) -> Pipeline:
     clock = Clock(T0_MS)
     letters: list[DeadLetter] = []
@@ -114,7 +119,7 @@ def pipeline(
         partials_partitions=1,
         extraction=ExtractionConfig(),
         forwarder=forwarder,
-        sampling=None,
+        sampling=sampling,
         send_partial=send_partial,
         send_dead_letter=send_dead_letter,
         clock=clock,
@@ -284,6 +289,34 @@ def test_phoenix_acceptance_and_retries_by_status() -> None:
         assert value(samples, "phoenix_spans_pending") == 0
         assert value(samples, "phoenix_unauthorized") == 0
         assert value(samples, "sampling_spans_total", decision="kept", policy="all") == 3
+
+    asyncio.run(scenario())
+
+
+def test_sampling_decisions_are_counted_by_policy_and_early_ones_by_partition() -> None:
+    async def scenario() -> None:
+        async def refused(batch: Any, result: Any) -> None:
+            raise AssertionError("nothing is refused here")
+
+        exporter = PhoenixExporter(
+            traces_url="http://phoenix.test/v1/traces",
+            transport=httpx.MockTransport(lambda request: httpx.Response(200)),
+        )
+        forwarder = SpanForwarder(exporter, default_project="default", on_failure=refused)
+        policy = SamplingPolicy(probability=0.0, keep_errors=True, max_buffered_traces=2)
+        p = pipeline(forwarder=forwarder, sampling=policy)
+        failed = [span_pb(trace=1, span=1, error=True), span_pb(trace=1, span=2, parent=1)]
+        await p.feed(0, payload_of(failed, {"service.name": "agents"}))
+        for trace in (2, 3, 4):  # three traces in a buffer of two: one decided early
+            await p.feed(0, trace_payload(trace, spans=2))
+        p.clock.now_ms += 10 * WINDOW_MS  # quiet and caught up: everything is decided
+        await p.stage1.tick(lambda partition: True)
+        samples = scrape(collector_for(p, forwarder=forwarder))
+        assert value(samples, "sampling_spans_total", decision="kept", policy="error") == 2
+        assert value(samples, "sampling_spans_total", decision="dropped", policy="not_sampled") == 6
+        assert value(samples, "sampling_spans_total", decision="kept", policy="probabilistic") == 0
+        assert value(samples, "sampling_decided_early_traces_total", partition="0") == 2
+        await forwarder.drain(5.0)
 
     asyncio.run(scenario())
 
