@@ -40,7 +40,7 @@ from processor.stack import LocalStack
 
 PROGRESS = re.compile(r"progress messages=(\d+) spans=(\d+) .* monotonic=([\d.]+)")
 BUFFERS = re.compile(r"buffered_traces=(\d+) sampler_spans=(\d+)")
-console = Console()
+console = Console(width=170)  # the table is wide: not cut to a terminal
 
 
 def main() -> None:
@@ -181,7 +181,7 @@ def main() -> None:
             ", ".join(f"{peak:.0f}" for peak in peaks),
             f"{written_after:.1f}",
             f"{_busy_share(cpu_samples, first, last):.0%}",
-            f"{total_spans / _cpu_seconds(worker_cpu, first, last) / count:,.0f}",
+            f"{total_spans / _cpu_seconds(worker_cpu, first, last):,.0f}",
             ", ".join(f"{traces:,} / {spans:,}" for traces, spans in map(_peak_buffers, logs)),
         )
     console.print(table)
