@@ -230,6 +230,10 @@ def _extract(
             "too_many_spans", f"{total} spans, the limit is {config.max_spans_per_message}"
         )
     check_sizes = payload_size == 0 or payload_size > config.max_attribute_value_bytes
+    if check_sizes:
+        # Sizes are checked on the attribute list as it came: a map keeps only a repeated
+        # key's last value, and an earlier, oversized one would reach Phoenix unseen.
+        source.hold()
     spans: list[SpanRecord] = []
     problems: list[tuple[str, str, int, SpanOrigin]] = []
     position = 0
@@ -257,13 +261,13 @@ def _extract(
             for span in scope_spans.spans:
                 outcome = _record_of(
                     span,
+                    source.span_at(position) if check_sizes else None,
                     origin,
                     source,
                     position,
                     trace_ids,
                     config,
                     resource_dimensions,
-                    check_sizes,
                 )
                 if isinstance(outcome, SpanRecord):
                     spans.append(outcome)
@@ -305,12 +309,13 @@ def _problem_of(
     return None
 
 
-def _size_problem(attributes: Mapping[str, AnyValue], limit: int) -> tuple[str, str] | None:
-    for key, value in attributes.items():
+def _size_problem(span: Span, limit: int) -> tuple[str, str] | None:
+    for kv in span.attributes:
+        value = kv.value
         # ByteSize() is an upper bound of the payload (it adds a tag and a length), so the
         # exact measure is only needed for the rare value near the limit.
         if value.ByteSize() > limit and _value_bytes(value) > limit:
-            return "attribute_too_large", f"attribute {key!r} is over {limit} bytes"
+            return "attribute_too_large", f"attribute {kv.key!r} is over {limit} bytes"
     return None
 
 
@@ -325,16 +330,17 @@ def _value_bytes(value: AnyValue) -> int:
 
 def _record_of(
     span: Any,
+    size_checked: Span | None,
     origin: SpanOrigin,
     source: MessageSource,
     position: int,
     trace_ids: dict[bytes, bytes],
     config: semconv.ExtractionConfig,
     resource_dimensions: dict[str, str],
-    check_sizes: bool,
 ) -> SpanRecord | tuple[str, str]:
     """The record of ``span`` (read through ``slim_otlp``), or the (reason, detail) of the
-    rule it breaks."""
+    rule it breaks. ``size_checked`` is the same span as OTLP reads it, when its attributes'
+    sizes are to be checked."""
     # Each field of a upb message is read once: every read builds a new Python object.
     trace_id = span.trace_id
     span_id = span.span_id
@@ -342,8 +348,8 @@ def _record_of(
     start_ns = span.start_time_unix_nano
     end_ns = span.end_time_unix_nano
     problem = _problem_of(trace_id, span_id, parent_span_id, start_ns, end_ns)
-    if problem is None and check_sizes:
-        problem = _size_problem(span.attributes, config.max_attribute_value_bytes)
+    if problem is None and size_checked is not None:
+        problem = _size_problem(size_checked, config.max_attribute_value_bytes)
     if problem is not None:
         return problem
     trace_id = trace_ids.setdefault(trace_id, trace_id)

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from spanbuilder import (
     T0_MS,
@@ -700,3 +701,18 @@ def _fields(record: SpanRecord) -> tuple[object, ...]:
     origin = values.pop("origin")
     values["origin"] = tuple(getattr(origin, f.name) for f in dataclasses.fields(origin))
     return tuple(values.items())
+
+
+def test_an_oversized_value_hidden_under_a_repeated_key_is_still_refused() -> None:
+    """The worker reads attributes as a map, which keeps a repeated key's last value only;
+    the size limit looks at the list as it came, so an earlier oversized value is caught."""
+    config = ExtractionConfig(max_attribute_value_bytes=LIMIT)
+    span = span_pb(span=2, attrs={"input.value": "x" * (LIMIT + 1)})
+    span.attributes.append(KeyValue(key="input.value", value=AnyValue(string_value="small")))
+    payload = request_of([span_pb(span=1), span]).SerializeToString()
+    for decoded in (
+        extract_spans(decode_request(payload), config),
+        decode_spans(payload, None, config),
+    ):
+        assert [r.reason for r in decoded.rejected] == ["attribute_too_large"]
+        assert [r.span_id for r in decoded.spans] == [sid(1)]
