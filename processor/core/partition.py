@@ -306,18 +306,14 @@ class PartitionAggregator:
         seen = self._trace_first_offset.get(span.trace_id)
         # A window's replay point is the first offset of every trace that fed it.
         replay_from = seen[0] if seen is not None else item.offset
-        late_window = span.late_window_ms
-        if late_window is None:
-            closed = self.closed_until_ms
-            if closed is not None and start + self._size <= closed:
-                late_window = self._window_of(span)  # the safeguard there
-        if late_window is not None:
+        window = self._window_of(span)
+        if window != start:  # late: on arrival, or (the safeguard there) since
             # Its window is out already: count it where it arrived, in the open window.
             self.stats.late_spans += 1
-            if self._already_sent(late_window):
+            if self._already_sent(window):
                 self.stats.replayed_spans += 1
             else:
-                self._series(late_window, series, replay_from).late_spans += 1
+                self._series(window, series, replay_from).late_spans += 1
         elif self._already_sent(start):
             self.stats.replayed_spans += 1
         else:
