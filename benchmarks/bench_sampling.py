@@ -265,7 +265,7 @@ def feed(
         decided = aggregator.take_decided()
         cpu += process_time() - began
         rejected += len(decoded.rejected)
-        count((d.span.trace_id, d.keep, d.reason, d.drop_reason) for d in decided)
+        count((d.trace_id, d.keep, d.reason, d.drop_reason) for d in decided)
         if sampler is not None:
             stats = sampler.stats
             if stats.buffered_traces > peak_traces:
@@ -279,7 +279,7 @@ def feed(
     aggregator.advance(last_ms + 3_600_000, caught_up=True)
     decided = aggregator.take_decided()
     cpu += process_time() - began
-    count((d.span.trace_id, d.keep, d.reason, d.drop_reason) for d in decided)
+    count((d.trace_id, d.keep, d.reason, d.drop_reason) for d in decided)
     wall = time.perf_counter() - wall_began
     return FeedResult(
         spans_in=traffic.spans,

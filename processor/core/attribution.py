@@ -38,6 +38,10 @@ class AttributedSpan:
 # (attributed agent, agent attribute that flows to the children or None)
 _Resolved = tuple[str, str | None]
 
+# Distinct (agent, lineage) pairs shared by the resolved spans; past this many (bad input
+# with ever new agent names) the table starts over, which costs memory, never correctness.
+_MAX_SHARED_PAIRS = 4_096
+
 
 @dataclass(slots=True)
 class _Trace:
@@ -89,6 +93,10 @@ class TraceAssembler:
         self._pending_heap: list[tuple[int, int, bytes]] = []
         self._sequence = 0
         self._spans_held = 0
+        # One tuple per distinct pair, shared by every span resolved to it: a trace's
+        # resolved spans are remembered for the TTL, and a tuple per span was ~56 bytes of
+        # each (its agent string too, when the span carried its own agent attribute).
+        self._pairs: dict[_Resolved, _Resolved] = {}
         self.stats = AssemblerStats()
 
     def add(
@@ -166,6 +174,7 @@ class TraceAssembler:
         # The stack is only built when children wait: most spans find their parent resolved.
         resolved_spans = trace.resolved
         by_parent = trace.by_parent
+        pairs = self._pairs
         stack: list[tuple[SpanRecord, int, _Resolved]] = []
         current, current_offset, current_parent = span, offset, parent
         while True:
@@ -175,7 +184,13 @@ class TraceAssembler:
                 parent_agent, inherited = current_parent
             lineage = current.own_agent or inherited
             agent = lineage or current.origin.service_name or UNKNOWN_AGENT
-            resolved = (agent, lineage)
+            pair = (agent, lineage)
+            resolved = pairs.get(pair)
+            if resolved is None:
+                if len(pairs) >= _MAX_SHARED_PAIRS:
+                    pairs.clear()
+                resolved = pairs[pair] = pair
+            agent = resolved[0]
             span_id = current.span_id
             if span_id not in resolved_spans:
                 self._spans_held += 1

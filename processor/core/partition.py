@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -37,6 +37,16 @@ from processor.core.windows import Watermark, window_start
 
 _Series = tuple[str, tuple[str, ...]]  # (agent, dimensions): a SeriesKey's fields
 _start_ns = attrgetter("start_ns")
+
+
+class _Timed(Protocol):
+    """What places a span in a window: a record, or its sampling outcome."""
+
+    @property
+    def end_ms(self) -> int: ...
+
+    @property
+    def late_window_ms(self) -> int | None: ...
 
 
 @dataclass(slots=True)
@@ -145,7 +155,6 @@ class PartitionAggregator:
         # ``closed_until_ms`` when ``advance`` last handed every closed window out: the
         # windows a checkpoint may call sent.
         self._handed_until_ms: int | None = None
-        self._invocations: set[bytes] = set()  # undecided spans that are invocations
         self.stats = PartitionStats()
 
     def restore(self, checkpoint: Checkpoint) -> None:
@@ -244,21 +253,15 @@ class PartitionAggregator:
             return
         self._decided.extend(decided)
         size = self._size
-        invocations = self._invocations
         with_sampler = self.sampler is not None
         for item in decided:
-            span = item.span
-            span_id = span.span_id
-            is_invocation = span_id in invocations
-            if is_invocation:
-                invocations.discard(span_id)
-            end_ms = span.end_ms
+            end_ms = item.end_ms
             own_start = end_ms - end_ms % size
-            window = self._window_of_decision(span)
+            window = self._window_of_decision(item)
             if window is None:
                 continue
             aggregate = self._series(
-                window, (item.agent, span.dimensions), item.offset, counts_span=False
+                window, (item.agent, item.dimensions), item.offset, counts_span=False
             )
             if item.keep:
                 aggregate.sampled_spans += 1
@@ -266,20 +269,20 @@ class PartitionAggregator:
                     # Exemplars are chosen among kept traces only: the link from MLflow to
                     # Phoenix never points at nothing, and nothing is kept just to be named.
                     aggregate.note_exemplar(
-                        trace_id=span.trace_id,
-                        duration_ns=span.end_ns - span.start_ns,
-                        is_error=span.is_error,
-                        is_invocation=is_invocation,
+                        trace_id=item.trace_id,
+                        duration_ns=item.duration_ns,
+                        is_error=item.is_error,
+                        is_invocation=item.is_invocation,
                     )
             else:
                 aggregate.dropped_spans += 1
 
-    def _window_of_decision(self, span: SpanRecord) -> int | None:
+    def _window_of_decision(self, span: _Timed) -> int | None:
         """The window that counts the span's sampling outcome; None if already sent."""
         start = self._window_of(span)
         return None if self._already_sent(start) else start
 
-    def _window_of(self, span: SpanRecord) -> int:
+    def _window_of(self, span: _Timed) -> int:
         """The span's own window; for a span late on arrival, the head window it found."""
         late = span.late_window_ms
         if late is not None:
@@ -334,11 +337,11 @@ class PartitionAggregator:
         # Sampling comes after the counts: aggregates see every span (rule 1).
         sampler = self.sampler
         if sampler is None:
-            self._count_decisions([SampledSpan(span, item.agent, item.offset, True, None)])
+            forwarded = SampledSpan.of(span, item.agent, item.offset, item.is_invocation)
+            forwarded.keep = True
+            self._count_decisions([forwarded])
         else:
-            if item.is_invocation:
-                self._invocations.add(span.span_id)
-            decided = sampler.add(span, item.agent, item.offset)
+            decided = sampler.add(span, item.agent, item.offset, is_invocation=item.is_invocation)
             if decided:
                 self._count_decisions(decided)
 

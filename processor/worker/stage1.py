@@ -255,15 +255,14 @@ class Stage1:
         held: dict[int, MessageSource] = {}
         for item in decided:
             if item.keep:
-                span = item.span
-                source = span.source
+                source = item.source
                 if id(source) not in held:
                     source.hold()  # one parse per message, not one per span
                     held[id(source)] = source
-                pb = span.pb
+                pb = item.pb
                 if item.reason is not None:  # a sampler decided: say why on the span
                     mark_forwarded(pb, item)
-                by_offset.setdefault(item.offset, []).append((span.origin, pb))
+                by_offset.setdefault(item.offset, []).append((item.origin, pb))
         # The items hold their spans: a message handled meanwhile may release a source.
         for source in held.values():
             source.release()

@@ -84,7 +84,7 @@ class _Decision:
 class _Trace:
     """An undecided trace: its spans in arrival order and what the policies need of them."""
 
-    spans: list[tuple[SpanRecord, str, int]]
+    spans: list[SampledSpan]  # undecided, in arrival order
     due_ms: int
     due_sequence: int  # identifies the live heap entry; older entries are stale
     min_offset: int
@@ -127,17 +127,20 @@ class TraceSampler:
 
     # --- input -----------------------------------------------------------------------------
 
-    def add(self, span: SpanRecord, agent: str, offset: int) -> list[SampledSpan]:
+    def add(
+        self, span: SpanRecord, agent: str, offset: int, *, is_invocation: bool = False
+    ) -> list[SampledSpan]:
         """Take one attributed span; return the spans decided now: none while its trace is
         undecided, the span itself when its trace was decided before, and the spans of any
-        trace the bounds forced out."""
+        trace the bounds forced out. What is kept of the span is its ``SampledSpan``."""
         out: list[SampledSpan] = []
         trace_id = span.trace_id
+        item = SampledSpan.of(span, agent, offset, is_invocation)
         decision = self._decisions.get(trace_id)
         if decision is not None:
             self._decisions.move_to_end(trace_id)
             self.stats.spans_after_decision += 1
-            self._emit(span, agent, offset, decision, out)
+            self._emit(item, decision, out)
             return out
         traces = self._traces
         policy = self.policy
@@ -151,10 +154,10 @@ class TraceSampler:
             decision = self._decisions.get(trace_id)
             if decision is not None:  # its own trace was just decided early
                 self.stats.spans_after_decision += 1
-                self._emit(span, agent, offset, decision, out)
+                self._emit(item, decision, out)
                 return out
             trace = self._start(span, offset)
-        self._buffer(trace, span, agent, offset)
+        self._buffer(trace, span, item)
         return out
 
     def _start(self, span: SpanRecord, offset: int) -> _Trace:
@@ -179,8 +182,10 @@ class TraceSampler:
         self.stats.buffered_traces = len(self._traces)
         return trace
 
-    def _buffer(self, trace: _Trace, span: SpanRecord, agent: str, offset: int) -> None:
-        trace.spans.append((span, agent, offset))
+    def _buffer(self, trace: _Trace, span: SpanRecord, item: SampledSpan) -> None:
+        """Fold the span into what the policies need of its trace; keep only ``item``."""
+        trace.spans.append(item)
+        offset = item.offset
         self.stats.buffered_spans += 1
         if offset < trace.min_offset:
             trace.min_offset = offset
@@ -297,48 +302,46 @@ class TraceSampler:
         while len(decisions) > self.policy.decision_cache_size:
             decisions.popitem(last=False)
             stats.cache_evictions += 1
-        for span, agent, offset in trace.spans:
-            self._emit(span, agent, offset, decision, out)
+        for item in trace.spans:
+            self._emit(item, decision, out)
 
-    def _emit(
-        self,
-        span: SpanRecord,
-        agent: str,
-        offset: int,
-        decision: _Decision,
-        out: list[SampledSpan],
-    ) -> None:
+    def _emit(self, item: SampledSpan, decision: _Decision, out: list[SampledSpan]) -> None:
+        """Fill in the span's outcome and hand it out (each span exactly once)."""
         stats = self.stats
         if not decision.keep:
             stats.spans_dropped += 1
-            out.append(SampledSpan(span, agent, offset, False, None, DROP_NOT_SAMPLED))
+            item.drop_reason = DROP_NOT_SAMPLED
+            out.append(item)
             return
         limiter = self._limiter
         if (
             limiter is not None
             and not decision.exempt
-            and not limiter.try_take(agent, self._clock_ms)
+            and not limiter.try_take(item.agent, self._clock_ms)
         ):
             stats.spans_dropped += 1
             stats.spans_rate_limited += 1
-            out.append(SampledSpan(span, agent, offset, False, None, DROP_RATE_LIMITED))
+            item.drop_reason = DROP_RATE_LIMITED
+            out.append(item)
             return
         reason = decision.reason
         assert reason is not None  # a kept decision always has its reason
         stats.spans_kept[reason] += 1
-        threshold = self._span_threshold(span, decision.threshold)
-        out.append(SampledSpan(span, agent, offset, True, reason, None, threshold))
+        item.keep = True
+        item.reason = reason
+        item.threshold = self._span_threshold(item, decision.threshold)
+        out.append(item)
 
-    def _span_threshold(self, span: SpanRecord, ours: int) -> int | None:
+    def _span_threshold(self, item: SampledSpan, ours: int) -> int | None:
         """Our threshold, raised to the span's upstream ``th``; None if that ``th`` is
         inconsistent with the span's randomness (the specification says: erase it)."""
-        state = parse_tracestate(span.tracestate)
+        state = parse_tracestate(item.tracestate)
         upstream = state.threshold
         if upstream is None:
             return ours
         randomness = state.randomness
         if randomness is None:
-            randomness = trace_id_randomness(span.trace_id)
+            randomness = trace_id_randomness(item.trace_id)
         if randomness < upstream:
             self.stats.upstream_th_erased += 1
             return None

@@ -238,6 +238,36 @@ def test_a_late_child_of_a_forgotten_trace_still_comes_out() -> None:
     assert (late.agent, late.is_invocation) == ("svc", True)
 
 
+def test_attribution_stays_right_with_ever_new_agent_names() -> None:
+    # Resolved spans share one (agent, lineage) tuple per distinct pair, from a bounded table
+    # that starts over when full: thousands of agent names must not change any answer.
+    traces = 6_000
+    spans: list[SpanRecord] = []
+    for index in range(traces):
+        spans += [
+            record(trace=index, span=3, parent=2, service=f"svc-{index % 7}"),
+            record(trace=index, span=2, parent=1),
+            record(trace=index, span=1, agent=f"agent-{index}"),
+            record(trace=index, span=4, service=f"svc-{index % 7}"),  # no agent anywhere above
+        ]
+    assembler = TraceAssembler(max_traces=traces)
+    out: list[AttributedSpan] = []
+    for offset, span in enumerate(spans):
+        out += assembler.add(span, offset)
+    out += assembler.expire(FAR_FUTURE_MS)
+    found = {(item.span.trace_id, item.span.span_id[-1]): item for item in out}
+    assert len(found) == len(spans) == len(out)
+    for index in range(traces):
+        trace = spans[4 * index].trace_id
+        agents = {n: (found[trace, n].agent, found[trace, n].is_invocation) for n in (1, 2, 3, 4)}
+        assert agents == {
+            1: (f"agent-{index}", True),
+            2: (f"agent-{index}", False),
+            3: (f"agent-{index}", False),
+            4: (f"svc-{index % 7}", True),
+        }
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [{"max_traces": 0}, {"max_spans": 0}, {"attribution_wait_ms": -1}, {"trace_ttl_ms": -1}],
