@@ -3,7 +3,10 @@
     .venv/bin/python benchmarks/bench_worker.py --traces 8000 --workers 1 2 [--phoenix]
 
 With ``--phoenix``, 10% of the traces (sampled at random, errors not kept on their own) are
-forwarded to the local Phoenix; without it forwarding is off (the sampler still runs).
+forwarded to the local Phoenix; without it forwarding is off (the sampler still runs). Only
+the probability can then keep a trace, so each is decided on its first span; with
+``--latency-threshold-ms`` (e.g. 600000, which no loadgen trace reaches) every trace waits in
+the sampler for its decision, as with the default policy's error rule.
 
 The workers run from a venv of their own (``.stack-bench/worker-venv``) with only the
 worker's runtime dependencies, as deployed; ``--dev-venv`` runs them from this interpreter.
@@ -65,6 +68,14 @@ def main() -> None:
         "writing them to MLflow) many times faster than a live stream does",
     )
     parser.add_argument("--phoenix", action="store_true", help="forward spans to Phoenix too")
+    parser.add_argument(
+        "--latency-threshold-ms",
+        type=int,
+        default=None,
+        help="also keep traces this slow (a tail rule): every trace then waits in the sampler "
+        "for its decision; without a rule only the probability can keep a trace, and each is "
+        "decided on its first span",
+    )
     parser.add_argument(
         "--dev-venv",
         action="store_true",
@@ -136,6 +147,11 @@ def main() -> None:
             # error span, which the default policy would keep too.
             "PROCESSOR_SAMPLING_PROBABILITY": "0.1",
             "PROCESSOR_SAMPLING_KEEP_ERRORS": "false",
+            **(
+                {"PROCESSOR_SAMPLING_LATENCY_THRESHOLD_MS": str(args.latency_threshold_ms)}
+                if args.latency_threshold_ms is not None
+                else {}
+            ),
             # Phoenix on this machine stores a few hundred spans/s (its own ingest is the
             # bottleneck, see bench_phoenix.py): count a batch as delivered when accepted.
             "PROCESSOR_PHOENIX_CONFIRM_STORED": "false",

@@ -186,6 +186,7 @@ _SAMPLER_COUNTERS = (
     _DROPPED_NOT_SAMPLED,
     _DROPPED_RATE_LIMITED,
     "decided_early",
+    "decided_at_once",
 )
 
 
@@ -308,7 +309,9 @@ class StageCollector(Collector):
         elif not self._stage1.samples:
             sampling.add_metric(["kept", "all"], total_in)
         else:
-            for name in _SAMPLER_COUNTERS[:-1]:
+            for name in _SAMPLER_COUNTERS:
+                if ":" not in name:
+                    continue  # a count of traces, not spans
                 decision, policy = name.split(":")
                 sampling.add_metric(
                     [decision, policy], sum(counts[name] for counts in sampled.values())
@@ -318,6 +321,11 @@ class StageCollector(Collector):
             "sampling_decided_early_traces",
             "Traces decided before their root's end plus grace: pushed out by the bounds.",
             {p: counts["decided_early"] for p, counts in sampled.items()},
+        )
+        yield _per_partition(
+            "sampling_decided_at_once_traces",
+            "Traces decided on their first span: only the probability could keep them.",
+            {p: counts["decided_at_once"] for p, counts in sampled.items()},
         )
 
     def _buffer_metrics(self) -> Iterator[Metric]:
@@ -520,6 +528,7 @@ METRIC_NAMES = tuple(
         "partials_sent_total",
         "sampling_spans_total",
         "sampling_decided_early_traces_total",
+        "sampling_decided_at_once_traces_total",
         "trace_buffer_traces",
         "trace_buffer_waiting_spans",
         "open_windows",

@@ -321,6 +321,29 @@ def test_sampling_decisions_are_counted_by_policy_and_early_ones_by_partition() 
     asyncio.run(scenario())
 
 
+def test_traces_decided_on_their_first_span_are_counted_by_partition() -> None:
+    async def scenario() -> None:
+        async def refused(batch: Any, result: Any) -> None:
+            raise AssertionError("nothing is sent here")
+
+        # Only the probability can keep a trace: each is decided as its first span comes.
+        exporter = PhoenixExporter(
+            traces_url="http://phoenix.test/v1/traces",
+            transport=httpx.MockTransport(lambda request: httpx.Response(200)),
+        )
+        forwarder = SpanForwarder(exporter, default_project="default", on_failure=refused)
+        policy = SamplingPolicy(probability=0.0, keep_errors=False)
+        p = pipeline(forwarder=forwarder, sampling=policy, max_traces=10)
+        for trace in (1, 2, 3):
+            await p.feed(0, trace_payload(trace, spans=2))
+        samples = scrape(collector_for(p, forwarder=forwarder))
+        assert value(samples, "sampling_decided_at_once_traces_total", partition="0") == 3
+        assert value(samples, "sampling_spans_total", decision="dropped", policy="not_sampled") == 6
+        assert value(samples, "sampling_decided_early_traces_total", partition="0") == 0
+
+    asyncio.run(scenario())
+
+
 def test_consumer_lag_uncommitted_and_assignment() -> None:
     p = pipeline()
     positions = [

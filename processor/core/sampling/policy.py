@@ -101,6 +101,16 @@ class SamplingPolicy:
         _check_int("decision_cache_size", self.decision_cache_size, minimum=0)
         object.__setattr__(self, "threshold", probability_to_threshold(float(p)))
 
+    @property
+    def probability_only(self) -> bool:
+        """Whether only the probability can keep a trace (no error, latency or attribute
+        rule): a trace's randomness then decides it, on its first span, and nothing waits."""
+        return (
+            not self.keep_errors
+            and self.latency_threshold_ms is None
+            and not self.attribute_matches
+        )
+
     def summary(self) -> str:
         """One line for the MLflow params, e.g.
         ``p=0.1; keep errors; latency>=5000ms; attr session.flagged in {true}; 50 spans/s/agent``.

@@ -20,8 +20,8 @@ class SampledSpan:
 
     While its trace is undecided the sampler buffers exactly this object (``keep`` False, no
     reason yet) in place of the span's record: a waiting span then holds only these fields
-    (measured in-process: ~200 bytes less per waiting span than with its record), which matters when a
-    worker holds hundreds of thousands of spans for their trace's decision.
+    (measured in-process: ~200 bytes less per waiting span than with its record), which
+    matters when a worker holds hundreds of thousands of spans for their trace's decision.
 
     ``reason`` is set when kept, ``drop_reason`` when dropped. ``threshold`` is the rejection
     threshold that a kept span's tracestate should carry (None when dropped, or when an

@@ -14,6 +14,11 @@ trace at once and remembers the decision, so that every span of a trace gets the
 - **Late spans** of a decided trace follow the cached decision at once (bounded LRU cache).
 - **Bounded**: past ``max_buffered_traces`` or ``max_buffered_spans`` the oldest trace (first
   seen) is decided at once on the spans it has, and counted in ``decided_early``.
+- **Nothing to wait for**: when only the probability can keep a trace
+  (``SamplingPolicy.probability_only``), a trace is decided on its first span (its randomness
+  cannot rise with more spans), unless ``force_keep`` named it first; its other spans follow
+  the cached decision. Nothing is buffered, so a busy worker holds no spans for sampling and
+  its windows need not wait for decisions. Counted in ``decided_at_once``.
 
 Every span added comes out exactly once, as a ``SampledSpan``. There is no wall clock and no
 randomness besides the trace ids': the same calls give the same outputs.
@@ -63,6 +68,7 @@ class SamplingStats:
     traces_decided: int = 0
     traces_kept: int = 0
     decided_early: int = 0  # pushed out by the buffer bounds, decided on what was there
+    decided_at_once: int = 0  # on their first span: only the probability could keep them
     cache_evictions: int = 0
     buffered_spans: int = 0
     buffered_traces: int = 0
@@ -78,6 +84,7 @@ class _Decision:
     reason: str | None
     threshold: int  # this stage's threshold: ours if probabilistic, else always-sample
     exempt: bool  # an exemplar trace: not rate limited
+    at_once: bool = False  # taken on the trace's first span: its later spans are not late
 
 
 @dataclass(slots=True)
@@ -112,6 +119,7 @@ class TraceSampler:
         self.policy = policy
         rate = policy.agent_spans_per_second
         self._limiter = AgentRateLimiter(rate) if rate is not None else None
+        self._at_once = policy.probability_only
         self._traces: dict[bytes, _Trace] = {}  # insertion order = first seen
         self._due: list[tuple[int, int, bytes]] = []  # (due ms, sequence, trace id)
         # Lazy heaps of (value, trace id) for the earliest buffered end and smallest offset:
@@ -139,10 +147,14 @@ class TraceSampler:
         decision = self._decisions.get(trace_id)
         if decision is not None:
             self._decisions.move_to_end(trace_id)
-            self.stats.spans_after_decision += 1
+            if not decision.at_once:
+                self.stats.spans_after_decision += 1
             self._emit(item, decision, out)
             return out
         traces = self._traces
+        if self._at_once and trace_id not in traces and trace_id not in self._forced_unseen:
+            self._decide_at_once(span, item, out)
+            return out
         policy = self.policy
         if trace_id not in traces:
             while len(traces) >= policy.max_buffered_traces:
@@ -249,10 +261,15 @@ class TraceSampler:
             return
         decision = self._decisions.get(trace_id)
         if decision is not None:
+            at_once = decision.at_once
             if not decision.keep:
-                decision = _Decision(True, REASON_EXEMPLAR, ALWAYS_SAMPLE_THRESHOLD, True)
+                decision = _Decision(
+                    True, REASON_EXEMPLAR, ALWAYS_SAMPLE_THRESHOLD, True, at_once=at_once
+                )
             elif not decision.exempt:
-                decision = _Decision(True, decision.reason, decision.threshold, True)
+                decision = _Decision(
+                    True, decision.reason, decision.threshold, True, at_once=at_once
+                )
             self._decisions[trace_id] = decision
             self._decisions.move_to_end(trace_id)
             return
@@ -282,6 +299,26 @@ class TraceSampler:
             return REASON_PROBABILISTIC
         return None
 
+    def _decide_at_once(self, span: SpanRecord, item: SampledSpan, out: list[SampledSpan]) -> None:
+        policy = self.policy
+        keep = _randomness(span) >= policy.threshold
+        stats = self.stats
+        stats.traces_decided += 1
+        stats.decided_at_once += 1
+        if keep:
+            stats.traces_kept += 1
+        reason = REASON_PROBABILISTIC if keep else None
+        decision = _Decision(keep, reason, policy.threshold, False, at_once=True)
+        self._remember(span.trace_id, decision)
+        self._emit(item, decision, out)
+
+    def _remember(self, trace_id: bytes, decision: _Decision) -> None:
+        decisions = self._decisions
+        decisions[trace_id] = decision
+        while len(decisions) > self.policy.decision_cache_size:
+            decisions.popitem(last=False)
+            self.stats.cache_evictions += 1
+
     def _decide(self, trace_id: bytes, out: list[SampledSpan], *, early: bool) -> None:
         trace = self._traces.pop(trace_id)
         stats = self.stats
@@ -297,11 +334,7 @@ class TraceSampler:
             self.policy.threshold if reason == REASON_PROBABILISTIC else ALWAYS_SAMPLE_THRESHOLD
         )
         decision = _Decision(reason is not None, reason, threshold, trace.forced)
-        decisions = self._decisions
-        decisions[trace_id] = decision
-        while len(decisions) > self.policy.decision_cache_size:
-            decisions.popitem(last=False)
-            stats.cache_evictions += 1
+        self._remember(trace_id, decision)
         for item in trace.spans:
             self._emit(item, decision, out)
 

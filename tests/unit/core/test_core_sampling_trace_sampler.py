@@ -717,3 +717,58 @@ def test_what_holds_windows_and_commits_back_is_the_minimum_over_buffered_traces
         offsets = [t.min_offset for t in buffered]
         assert sampler.earliest_buffered_end_ms() == (min(ends) if ends else None)
         assert sampler.pending_offset() == (min(offsets) if offsets else None)
+
+
+# --- nothing to wait for: only the probability can keep a trace --------------------------------
+
+
+def test_with_only_a_probability_a_trace_is_decided_on_its_first_span_as_waiting_would() -> None:
+    spans = random_traces(random.Random(11), 400)
+    rng = random.Random(12)
+    shuffled = spans[:]
+    rng.shuffle(shuffled)  # the spans of a trace interleave with other traces'
+    at_once = TraceSampler(policy(keep_errors=False, probability=0.3))
+    # The same probability, plus a rule that never holds: every trace waits for its decision.
+    waiting = TraceSampler(policy(keep_errors=False, probability=0.3, latency_threshold_ms=10**9))
+    out: list[SampledSpan] = []
+    for offset, span in enumerate(shuffled):
+        decided = at_once.add(span, "planner", offset)
+        assert [ids(item) for item in decided] == [ids(span)]  # its answer, at once
+        out += decided
+        waiting.add(span, "planner", offset)
+    assert at_once.stats.buffered_spans == at_once.stats.buffered_traces == 0
+    assert at_once.earliest_buffered_end_ms() is None and at_once.pending_offset() is None
+    waited = waiting.advance(FAR_FUTURE_MS)
+    assert {ids(i): outcome(i) for i in out} == {ids(i): outcome(i) for i in waited}
+    assert sum(item.keep for item in out) > 0 and not all(item.keep for item in out)
+    stats = at_once.stats
+    traces = len({span.trace_id for span in spans})
+    assert stats.decided_at_once == stats.traces_decided == traces
+    assert stats.spans_after_decision == 0  # its other spans were not late
+    assert stats.spans_kept_total + stats.spans_dropped == len(spans)
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        pytest.param({"keep_errors": True}, id="errors"),
+        pytest.param({"latency_threshold_ms": 5_000}, id="latency"),
+        pytest.param({"attribute_matches": {"user.id": frozenset({"x"})}}, id="attribute"),
+    ],
+)
+def test_a_rule_that_a_later_span_can_meet_makes_every_trace_wait(rule: dict[str, Any]) -> None:
+    sampler = TraceSampler(policy(**{"keep_errors": False, **rule}))
+    assert sampler.add(make(trace=trace_id(1, UNLUCKY), span=2, parent=1), "a", 0) == []
+    assert sampler.is_buffered(trace_id(1, UNLUCKY).to_bytes(16, "big"))
+
+
+def test_with_only_a_probability_force_keep_before_the_first_span_still_keeps_the_trace() -> None:
+    sampler = TraceSampler(policy(keep_errors=False))
+    trace = trace_id(1, UNLUCKY)
+    sampler.force_keep(trace.to_bytes(16, "big"))
+    spans = [make(trace=trace, span=2, parent=1), make(trace=trace, span=1)]
+    out = decide_all(sampler, spans)
+    assert [(ids(item), item.keep, item.reason) for item in out] == [
+        (ids(spans[0]), True, "exemplar"),
+        (ids(spans[1]), True, "exemplar"),
+    ]
