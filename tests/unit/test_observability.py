@@ -293,16 +293,22 @@ def test_phoenix_acceptance_and_retries_by_status() -> None:
     asyncio.run(scenario())
 
 
+def accepting_forwarder() -> SpanForwarder:
+    """A forwarder whose Phoenix stand-in accepts every batch (no batch is expected to fail)."""
+
+    async def refused(batch: Any, result: Any) -> None:
+        raise AssertionError("no batch is refused here")
+
+    exporter = PhoenixExporter(
+        traces_url="http://phoenix.test/v1/traces",
+        transport=httpx.MockTransport(lambda request: httpx.Response(200)),
+    )
+    return SpanForwarder(exporter, default_project="default", on_failure=refused)
+
+
 def test_sampling_decisions_are_counted_by_policy_and_early_ones_by_partition() -> None:
     async def scenario() -> None:
-        async def refused(batch: Any, result: Any) -> None:
-            raise AssertionError("nothing is refused here")
-
-        exporter = PhoenixExporter(
-            traces_url="http://phoenix.test/v1/traces",
-            transport=httpx.MockTransport(lambda request: httpx.Response(200)),
-        )
-        forwarder = SpanForwarder(exporter, default_project="default", on_failure=refused)
+        forwarder = accepting_forwarder()
         policy = SamplingPolicy(probability=0.0, keep_errors=True, max_buffered_traces=2)
         p = pipeline(forwarder=forwarder, sampling=policy)
         failed = [span_pb(trace=1, span=1, error=True), span_pb(trace=1, span=2, parent=1)]
@@ -323,15 +329,8 @@ def test_sampling_decisions_are_counted_by_policy_and_early_ones_by_partition() 
 
 def test_traces_decided_on_their_first_span_are_counted_by_partition() -> None:
     async def scenario() -> None:
-        async def refused(batch: Any, result: Any) -> None:
-            raise AssertionError("nothing is sent here")
-
+        forwarder = accepting_forwarder()
         # Only the probability can keep a trace: each is decided as its first span comes.
-        exporter = PhoenixExporter(
-            traces_url="http://phoenix.test/v1/traces",
-            transport=httpx.MockTransport(lambda request: httpx.Response(200)),
-        )
-        forwarder = SpanForwarder(exporter, default_project="default", on_failure=refused)
         policy = SamplingPolicy(probability=0.0, keep_errors=False)
         p = pipeline(forwarder=forwarder, sampling=policy, max_traces=10)
         for trace in (1, 2, 3):
@@ -380,14 +379,7 @@ def _exposed_names(text: str) -> set[str]:
 
 def test_the_documented_metrics_are_exactly_the_exposed_ones() -> None:
     async def make_forwarder() -> SpanForwarder:
-        async def refused(batch: Any, result: Any) -> None:
-            pass
-
-        exporter = PhoenixExporter(
-            traces_url="http://phoenix.test/v1/traces",
-            transport=httpx.MockTransport(lambda request: httpx.Response(200)),
-        )
-        return SpanForwarder(exporter, default_project="default", on_failure=refused)
+        return accepting_forwarder()  # in a running loop, as the worker makes it
 
     forwarder = asyncio.run(make_forwarder())
     registry = CollectorRegistry()

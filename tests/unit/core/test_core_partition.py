@@ -18,6 +18,7 @@ from processor.core.attribution import TraceAssembler
 from processor.core.decoding import decode_request, extract_spans
 from processor.core.partition import PartitionAggregator
 from processor.core.rollup import PartialRollup, SeriesKey
+from processor.core.sampling import SamplingPolicy, TraceSampler
 from processor.core.semconv import OVERFLOW_SERIES, ExtractionConfig
 from processor.core.spans import SpanRecord
 
@@ -28,7 +29,10 @@ FAR = T0_MS + 10**9
 
 
 def aggregator(
-    *, window_size_ms: int = SIZE, max_series_per_window: int = 1_000
+    *,
+    window_size_ms: int = SIZE,
+    max_series_per_window: int = 1_000,
+    sampling: SamplingPolicy | None = None,
 ) -> PartitionAggregator:
     return PartitionAggregator(
         0,
@@ -36,6 +40,7 @@ def aggregator(
         allowed_lateness_ms=LATENESS,
         idle_timeout_ms=IDLE,
         max_series_per_window=max_series_per_window,
+        sampler=TraceSampler(sampling) if sampling is not None else None,
     )
 
 
@@ -271,7 +276,11 @@ def test_every_span_is_counted_once_in_spans_or_late_spans(
 
 
 def run_stage1(
-    messages: list[list[SpanRecord]], *, crash_at: int | None = None, added_after_tick: int = 0
+    messages: list[list[SpanRecord]],
+    *,
+    crash_at: int | None = None,
+    added_after_tick: int = 0,
+    sampling: SamplingPolicy | None = None,
 ) -> list[PartialRollup]:
     """Every partial stage 1 sends; with ``crash_at``, the worker dies before that message and a
     fresh one replays from the committed checkpoint.
@@ -281,7 +290,7 @@ def run_stage1(
     handled meanwhile can close windows whose partials the dead worker never sent.
     """
     sent: list[PartialRollup] = []
-    agg = aggregator()
+    agg = aggregator(sampling=sampling)
     start = 0
     if crash_at is not None:
         ticked_until = crash_at - added_after_tick
@@ -290,7 +299,7 @@ def run_stage1(
             if offset < ticked_until:
                 sent += agg.advance(offset, caught_up=False).partials
         checkpoint = agg.checkpoint(crash_at)
-        agg = aggregator()
+        agg = aggregator(sampling=sampling)
         agg.restore(checkpoint)
         start = checkpoint.offset
     for offset in range(start, len(messages)):
@@ -334,3 +343,36 @@ def test_a_crash_and_replay_from_the_checkpoint_gives_the_same_partials(
     first_bytes = {p.key(): p.to_bytes() for p in clean}
     for p in replayed:
         assert p.to_bytes() == first_bytes[p.key()]
+
+
+# Sampled and dropped spans are counted in the windows too: a replay must count each once,
+# whether decisions wait for the trace (a rule a later span can meet) or are taken at once.
+SAMPLINGS = {
+    "waiting": SamplingPolicy(probability=0.5, keep_errors=True, decision_grace_ms=100),
+    "at-once-kept": SamplingPolicy(probability=1.0, keep_errors=False),
+    "at-once-dropped": SamplingPolicy(probability=0.5, keep_errors=False),
+}
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    messages=arrivals(),
+    crash=st.integers(0, 25),
+    added_after_tick=st.integers(0, 4),
+    sampling=st.sampled_from(sorted(SAMPLINGS)),
+)
+def test_a_crash_and_replay_with_a_sampler_counts_sampled_and_dropped_spans_once(
+    messages: list[list[SpanRecord]], crash: int, added_after_tick: int, sampling: str
+) -> None:
+    policy = SAMPLINGS[sampling]
+    crash_at = min(crash, len(messages))
+    clean = run_stage1(messages, sampling=policy)
+    replayed = run_stage1(
+        messages,
+        crash_at=crash_at,
+        added_after_tick=min(added_after_tick, crash_at),
+        sampling=policy,
+    )
+    assert merged(replayed) == merged(clean)
+    outcomes = sum(p.aggregate.sampled_spans + p.aggregate.dropped_spans for p in clean)
+    assert outcomes == sum(len(spans) for spans in messages)
