@@ -92,7 +92,9 @@ def _span(rng: random.Random, trace: int, index: int, t0_ns: int) -> Span:
         start_time_unix_nano=start,
         end_time_unix_nano=end,
         attributes=attrs,
-        status=Status(code=Status.STATUS_CODE_ERROR if rng.random() < 0.02 else 0),
+        status=Status(
+            code=Status.STATUS_CODE_ERROR if rng.random() < 0.02 else Status.STATUS_CODE_UNSET
+        ),
     )
 
 

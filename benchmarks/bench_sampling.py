@@ -27,7 +27,6 @@ import sys
 import time
 import tracemalloc
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from opentelemetry.proto.common.v1.common_pb2 import KeyValue
@@ -36,6 +35,7 @@ from processor.core.attribution import TraceAssembler
 from processor.core.decoding import decode_request, extract_spans
 from processor.core.partition import PartitionAggregator
 from processor.core.sampling import (
+    DROP_NOT_SAMPLED,
     DROP_RATE_LIMITED,
     KEEP_REASONS,
     REASON_ATTRIBUTE,
@@ -43,6 +43,7 @@ from processor.core.sampling import (
     REASON_EXEMPLAR,
     REASON_LATENCY,
     REASON_PROBABILISTIC,
+    SampledSpan,
     SamplingPolicy,
     SamplingStats,
     TraceSampler,
@@ -50,6 +51,7 @@ from processor.core.sampling import (
 from processor.core.sampling.policy import matches_attributes
 from processor.core.sampling.threshold import trace_id_randomness
 from processor.core.semconv import ExtractionConfig
+from processor.core.spans import SpanRecord
 from processor.loadgen import Scenario, TraceGenerator
 from processor.settings import WorkerSettings
 from processor.worker.gc_tuning import tune_for_throughput
@@ -183,6 +185,40 @@ def build_policy(args: argparse.Namespace, latency_threshold_ms: int) -> Samplin
     )
 
 
+_Outcome = tuple[bytes, bool, str | None, str | None]  # trace id, keep, reason, drop reason
+
+
+class RecordingSampler(TraceSampler):
+    """The worker's sampler, noting every span's outcome: the aggregator lists only kept
+    spans (dropped ones are counted), and this benchmark checks every span's outcome."""
+
+    def __init__(self, policy: SamplingPolicy) -> None:
+        super().__init__(policy)
+        self.outcomes: list[_Outcome] = []
+
+    def drop_now(self, span: SpanRecord) -> bool:
+        dropped = super().drop_now(span)
+        if dropped:
+            self.outcomes.append((span.trace_id, False, None, DROP_NOT_SAMPLED))
+        return dropped
+
+    def add(
+        self, span: SpanRecord, agent: str, offset: int, *, is_invocation: bool = False
+    ) -> list[SampledSpan]:
+        return self._noted(super().add(span, agent, offset, is_invocation=is_invocation))
+
+    def advance(self, watermark_ms: int) -> list[SampledSpan]:
+        return self._noted(super().advance(watermark_ms))
+
+    def _noted(self, decided: list[SampledSpan]) -> list[SampledSpan]:
+        self.outcomes += [(d.trace_id, d.keep, d.reason, d.drop_reason) for d in decided]
+        return decided
+
+    def take_outcomes(self) -> list[_Outcome]:
+        outcomes, self.outcomes = self.outcomes, []
+        return outcomes
+
+
 def new_aggregator(
     policy: SamplingPolicy | None, settings: WorkerSettings, max_traces: int
 ) -> PartitionAggregator:
@@ -200,7 +236,7 @@ def new_aggregator(
             trace_ttl_ms=ttl_ms,
         ),
         trace_ttl_ms=ttl_ms,
-        sampler=TraceSampler(policy) if policy is not None else None,
+        sampler=RecordingSampler(policy) if policy is not None else None,
     )
 
 
@@ -219,6 +255,14 @@ def feed(
     config = ExtractionConfig()
     aggregator = new_aggregator(policy, settings, max_traces)
     sampler = aggregator.sampler
+    assert sampler is None or isinstance(sampler, RecordingSampler)
+
+    def outcomes_now() -> list[_Outcome]:
+        if sampler is None:  # every span is kept, and listed
+            return [(d.trace_id, d.keep, d.reason, d.drop_reason) for d in aggregator.take_kept()]
+        aggregator.take_kept()  # as the worker takes them
+        return sampler.take_outcomes()
+
     truth = traffic.truth
     outcomes: dict[bytes, Outcome] = {}
     spans_kept: Counter[str] = Counter()
@@ -227,7 +271,7 @@ def feed(
     cpu = 0.0
     process_time = time.process_time
 
-    def count(decided: Iterator[tuple[bytes, bool, str | None, str | None]]) -> None:
+    def count(decided: list[_Outcome]) -> None:
         nonlocal not_sampled, rate_limited, spans_out
         for trace_id, keep, reason, drop_reason in decided:
             spans_out += 1
@@ -262,10 +306,10 @@ def feed(
         decoded = extract_spans(request, config, payload=payload, content_type=CONTENT_TYPE)
         aggregator.add(offset, decoded.spans, end_ms)
         decoded.source.release()  # as the worker does once a message is handled
-        decided = aggregator.take_decided()
+        decided = outcomes_now()
         cpu += process_time() - began
         rejected += len(decoded.rejected)
-        count((d.trace_id, d.keep, d.reason, d.drop_reason) for d in decided)
+        count(decided)
         if sampler is not None:
             stats = sampler.stats
             if stats.buffered_traces > peak_traces:
@@ -277,9 +321,9 @@ def feed(
     # buffered trace falls due.
     last_ms = traffic.messages[-1][1] if traffic.messages else START_MS
     aggregator.advance(last_ms + 3_600_000, caught_up=True)
-    decided = aggregator.take_decided()
+    decided = outcomes_now()
     cpu += process_time() - began
-    count((d.trace_id, d.keep, d.reason, d.drop_reason) for d in decided)
+    count(decided)
     wall = time.perf_counter() - wall_began
     return FeedResult(
         spans_in=traffic.spans,

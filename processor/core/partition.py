@@ -147,7 +147,7 @@ class PartitionAggregator:
         self._last_checkpoint: Checkpoint | None = None
         # Without a sampler every span is kept (and counted as sampled).
         self.sampler = sampler
-        self._decided: list[SampledSpan] = []
+        self._kept: list[SampledSpan] = []
         self._closed: list[PartialRollup] = []  # closed windows waiting for ``advance``
         # The smallest first offset of the windows in ``_closed``: until ``advance`` hands
         # them out, a commit must not pass it (a crash would lose those partials).
@@ -243,18 +243,18 @@ class PartitionAggregator:
                 )
             self.stats.windows_closed += 1
 
-    def take_decided(self) -> list[SampledSpan]:
-        """Spans whose sampling decision was taken since the last call (kept and dropped)."""
-        decided, self._decided = self._decided, []
-        return decided
+    def take_kept(self) -> list[SampledSpan]:
+        """Spans kept (to go to Phoenix) since the last call; dropped ones are only counted."""
+        kept, self._kept = self._kept, []
+        return kept
 
     def _count_decisions(self, decided: list[SampledSpan]) -> None:
-        if not decided:
-            return
-        self._decided.extend(decided)
         size = self._size
         with_sampler = self.sampler is not None
+        kept = self._kept
         for item in decided:
+            if item.keep:
+                kept.append(item)  # to Phoenix, even when its window is out already
             end_ms = item.end_ms
             own_start = end_ms - end_ms % size
             window = self._window_of_decision(item)
@@ -310,17 +310,20 @@ class PartitionAggregator:
         # A window's replay point is the first offset of every trace that fed it.
         replay_from = seen[0] if seen is not None else item.offset
         window = self._window_of(span)
+        counted_in: WindowAggregate | None = None  # None: its window is out already
         if window != start:  # late: on arrival, or (the safeguard there) since
             # Its window is out already: count it where it arrived, in the open window.
             self.stats.late_spans += 1
             if self._already_sent(window):
                 self.stats.replayed_spans += 1
             else:
-                self._series(window, series, replay_from).late_spans += 1
+                counted_in = self._series(window, series, replay_from)
+                counted_in.late_spans += 1
         elif self._already_sent(start):
             self.stats.replayed_spans += 1
         else:
-            self._series(start, series, replay_from).add(
+            counted_in = self._series(start, series, replay_from)
+            counted_in.add(
                 trace_id=span.trace_id,
                 duration_ns=span.end_ns - span.start_ns,
                 is_error=span.is_error,
@@ -340,6 +343,11 @@ class PartitionAggregator:
             forwarded = SampledSpan.of(span, item.agent, item.offset, item.is_invocation)
             forwarded.keep = True
             self._count_decisions([forwarded])
+        elif sampler.drop_now(span):
+            # Dropped as it came: its outcome counts where the span did, the window that
+            # ``_count_decisions`` would find for it.
+            if counted_in is not None:
+                counted_in.dropped_spans += 1
         else:
             decided = sampler.add(span, item.agent, item.offset, is_invocation=item.is_invocation)
             if decided:

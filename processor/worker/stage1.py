@@ -248,21 +248,20 @@ class Stage1:
 
     async def _forward(self, partition: int, aggregator: PartitionAggregator) -> None:
         """Send the spans whose trace was just kept to Phoenix, per source message."""
-        decided = aggregator.take_decided()
-        if self._forwarder is None or not decided:
+        kept = aggregator.take_kept()
+        if self._forwarder is None or not kept:
             return
         by_offset: dict[int, list[SpanItem]] = {}
         held: dict[int, MessageSource] = {}
-        for item in decided:
-            if item.keep:
-                source = item.source
-                if id(source) not in held:
-                    source.hold()  # one parse per message, not one per span
-                    held[id(source)] = source
-                pb = item.pb
-                if item.reason is not None:  # a sampler decided: say why on the span
-                    mark_forwarded(pb, item)
-                by_offset.setdefault(item.offset, []).append((item.origin, pb))
+        for item in kept:
+            source = item.source
+            if id(source) not in held:
+                source.hold()  # one parse per message, not one per span
+                held[id(source)] = source
+            pb = item.pb
+            if item.reason is not None:  # a sampler decided: say why on the span
+                mark_forwarded(pb, item)
+            by_offset.setdefault(item.offset, []).append((item.origin, pb))
         # The items hold their spans: a message handled meanwhile may release a source.
         for source in held.values():
             source.release()

@@ -20,8 +20,10 @@ trace at once and remembers the decision, so that every span of a trace gets the
   the cached decision. Nothing is buffered, so a busy worker holds no spans for sampling and
   its windows need not wait for decisions. Counted in ``decided_at_once``.
 
-Every span added comes out exactly once, as a ``SampledSpan``. There is no wall clock and no
-randomness besides the trace ids': the same calls give the same outputs.
+Every span added comes out exactly once, as a ``SampledSpan``; ``drop_now`` lets a caller ask
+first whether a span is dropped as it comes (then it is not added, and no object is made for
+it). There is no wall clock and no randomness besides the trace ids': the same calls give the
+same outputs.
 
 Kept spans carry the threshold to write into their tracestate (``mark_forwarded``): ours for a
 probabilistic keep, 0 (adjusted count 1 from this stage) for a rule's keep, raised to the
@@ -153,7 +155,8 @@ class TraceSampler:
             return out
         traces = self._traces
         if self._at_once and trace_id not in traces and trace_id not in self._forced_unseen:
-            self._decide_at_once(span, item, out)
+            keep = _randomness(span) >= self.policy.threshold
+            self._emit(item, self._decide_at_once(trace_id, keep), out)
             return out
         policy = self.policy
         if trace_id not in traces:
@@ -171,6 +174,34 @@ class TraceSampler:
             trace = self._start(span, offset)
         self._buffer(trace, span, item)
         return out
+
+    def drop_now(self, span: SpanRecord) -> bool:
+        """Whether ``span`` is dropped right now, its trace decided before or on this span: then
+        the sampler has counted it and is done with it, and the caller counts it as dropped
+        without a ``SampledSpan``. False: hand the span to ``add``.
+
+        With only a probability most spans are dropped as they come; skipping ``add`` for them
+        skips an object per span (measured: ~10% of a worker's stage-1 time).
+        """
+        trace_id = span.trace_id
+        decision = self._decisions.get(trace_id)
+        if decision is None:
+            if (
+                not self._at_once
+                or trace_id in self._traces
+                or trace_id in self._forced_unseen
+                or _randomness(span) >= self.policy.threshold
+            ):
+                return False  # buffered, or kept: ``add`` says which
+            self._decide_at_once(trace_id, False)
+        elif decision.keep:
+            return False
+        else:
+            self._decisions.move_to_end(trace_id)
+            if not decision.at_once:
+                self.stats.spans_after_decision += 1
+        self.stats.spans_dropped += 1
+        return True
 
     def _start(self, span: SpanRecord, offset: int) -> _Trace:
         self._sequence += 1
@@ -299,18 +330,16 @@ class TraceSampler:
             return REASON_PROBABILISTIC
         return None
 
-    def _decide_at_once(self, span: SpanRecord, item: SampledSpan, out: list[SampledSpan]) -> None:
-        policy = self.policy
-        keep = _randomness(span) >= policy.threshold
+    def _decide_at_once(self, trace_id: bytes, keep: bool) -> _Decision:
         stats = self.stats
         stats.traces_decided += 1
         stats.decided_at_once += 1
         if keep:
             stats.traces_kept += 1
         reason = REASON_PROBABILISTIC if keep else None
-        decision = _Decision(keep, reason, policy.threshold, False, at_once=True)
-        self._remember(span.trace_id, decision)
-        self._emit(item, decision, out)
+        decision = _Decision(keep, reason, self.policy.threshold, False, at_once=True)
+        self._remember(trace_id, decision)
+        return decision
 
     def _remember(self, trace_id: bytes, decision: _Decision) -> None:
         decisions = self._decisions

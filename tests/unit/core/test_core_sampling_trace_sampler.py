@@ -772,3 +772,34 @@ def test_with_only_a_probability_force_keep_before_the_first_span_still_keeps_th
         (ids(spans[0]), True, "exemplar"),
         (ids(spans[1]), True, "exemplar"),
     ]
+
+
+def test_drop_now_drops_what_add_would_drop_and_counts_it_once() -> None:
+    sampler = TraceSampler(policy(keep_errors=False))
+    dropped = [make(trace=trace_id(1, UNLUCKY), span=n) for n in (1, 2)]
+    kept = make(trace=trace_id(2, LUCKY), span=1)
+    assert [sampler.drop_now(span) for span in dropped] == [True, True]
+    assert sampler.drop_now(kept) is False  # kept: the caller hands it to add
+    [item] = sampler.add(kept, "a", 0)
+    assert (ids(item), item.keep, item.reason) == (ids(kept), True, "probabilistic")
+    stats = sampler.stats
+    assert (stats.traces_decided, stats.decided_at_once, stats.traces_kept) == (2, 2, 1)
+    assert (stats.spans_dropped, stats.spans_kept_total, stats.spans_after_decision) == (2, 1, 0)
+
+
+def test_drop_now_leaves_undecided_traces_to_add_and_drops_late_spans_of_dropped_ones() -> None:
+    sampler = TraceSampler(policy())  # errors keep a trace: every trace waits
+    root = make(trace=trace_id(1, UNLUCKY), span=1)
+    assert sampler.drop_now(root) is False
+    assert sampler.add(root, "a", 0) == []  # buffered, undecided
+    [decided] = sampler.advance(FAR_FUTURE_MS)
+    assert decided.keep is False
+    late = make(trace=trace_id(1, UNLUCKY), span=2, parent=1, error=True)
+    assert sampler.drop_now(late) is True  # follows its trace's decision
+    assert (sampler.stats.spans_after_decision, sampler.stats.spans_dropped) == (1, 2)
+    error = make(trace=trace_id(2, UNLUCKY), span=1, error=True)
+    assert sampler.drop_now(error) is False
+    assert sampler.add(error, "a", 1) == []
+    [kept] = sampler.advance(FAR_FUTURE_MS)
+    assert (kept.keep, kept.reason) == (True, "error")
+    assert sampler.drop_now(make(trace=trace_id(2, UNLUCKY), span=2, parent=1)) is False
