@@ -181,7 +181,7 @@ class TraceSampler:
         without a ``SampledSpan``. False: hand the span to ``add``.
 
         With only a probability most spans are dropped as they come; skipping ``add`` for them
-        skips an object per span (measured: ~10% of a worker's stage-1 time).
+        skips an object per span (measured in-process at p=0.1: ~15% more spans per CPU-second).
         """
         trace_id = span.trace_id
         decision = self._decisions.get(trace_id)
