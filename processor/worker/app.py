@@ -359,10 +359,16 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
                 )
             if tp.topic == settings.stage1_topic:
                 stage1.assign(
-                    tp.partition, Checkpoint.decode(offset, metadata) if metadata else None
+                    tp.partition,
+                    Checkpoint.decode(offset, metadata) if metadata else None,
+                    offset if tp in committed else None,
                 )
             else:
-                stage2.assign(tp.partition, _finalized_until(metadata))
+                stage2.assign(
+                    tp.partition,
+                    _finalized_until(metadata),
+                    offset if tp in committed else None,
+                )
         gate.open(ours)
 
     @app.task
