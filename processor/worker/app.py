@@ -66,8 +66,8 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=1.0,
         # Messages read ahead of the stream (faust's default). 1024 kept the same spans/s with
-        # ~16 MiB less at the peak, but the rebalance test then failed 2 runs of 3 (a window
-        # short of spans); kept at 4096, under which it passes, until that is understood.
+        # ~16 MiB less at the peak, but the rebalance tests then failed more often; they fail
+        # in some runs under 4096 too (docs/operations.md, "Known problems").
         stream_buffer_maxsize=4096,
         # Per partition and fetch. Faust's default (1 MiB, ~50 of the usual messages) makes
         # the consumer thread hand records over in small batches, and every hand-over costs
