@@ -66,8 +66,8 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=1.0,
         # Messages read ahead of the stream (faust's default). 1024 kept the same spans/s with
-        # ~16 MiB less at the peak, but the rebalance tests then failed more often; they fail
-        # in some runs under 4096 too (docs/operations.md, "Known problems").
+        # ~16 MiB less at the peak; the rebalance failures it seemed to cause came from the
+        # rewind that commits.seek_to_committed mends, and it was not measured again since.
         stream_buffer_maxsize=4096,
         # Per partition and fetch. Faust's default (1 MiB, ~50 of the usual messages) makes
         # the consumer thread hand records over in small batches, and every hand-over costs
@@ -350,6 +350,7 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
         )
         for tp in ours:
             offset, metadata = committed.get(tp, (0, ""))
+            resumes_at = offset if tp in committed else None  # None: no commit yet
             if offset > 0 and not metadata:
                 log.error(
                     "%s was committed at %d without a checkpoint: windows open there may be "
@@ -361,13 +362,13 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
                 stage1.assign(
                     tp.partition,
                     Checkpoint.decode(offset, metadata) if metadata else None,
-                    offset if tp in committed else None,
+                    resumes_at,
                 )
             else:
                 stage2.assign(
                     tp.partition,
                     _finalized_until(metadata),
-                    offset if tp in committed else None,
+                    resumes_at,
                 )
         gate.open(ours)
 

@@ -1,4 +1,5 @@
-"""Hold back messages of a partition until the worker has set the partition up.
+"""Setting a newly assigned partition up: hold its messages back until then, and say where
+reading resumed.
 
 Faust resumes fetching a newly assigned partition (its recovery service seeks to the committed
 offset and resumes the flow) before the ``on_partitions_assigned`` signal reaches the worker's
@@ -53,3 +54,55 @@ class AssignmentGate:
             await asyncio.wait_for(event.wait(), SETUP_WAIT_S)
             return
         log.error("%s was assigned but not set up within %.0f s", tp, SETUP_WAIT_S)
+
+
+class ResumeWatch:
+    """Says where a stage resumed each partition it was assigned, against where it should have.
+
+    The first record handled after an assignment should be the committed one, or the
+    partition's first record when nothing was committed. A later one means the records in
+    between never reached this worker: retention removed them before they were read, or the
+    consumer skipped them (see docs/operations.md, "What a rebalance does"). On a compacted
+    topic a later first record is normal, so there the line stays informational.
+    """
+
+    def __init__(self, logger: logging.Logger, stage: int, *, compacted: bool = False) -> None:
+        self._log = logger
+        self._stage = stage
+        self._compacted = compacted
+        self._pending: dict[int, int | None] = {}
+
+    def expect(self, partition: int, committed: int | None) -> None:
+        """``partition`` was assigned; ``committed`` is the group's offset (None: no commit)."""
+        self._pending[partition] = committed
+
+    def clear(self) -> None:
+        self._pending.clear()
+
+    def handled(self, partition: int, offset: int) -> None:
+        """Note a handled record; only the first one after an assignment is logged."""
+        if partition not in self._pending:
+            return
+        committed = self._pending.pop(partition)
+        extra = {"partition": partition, "offset": offset}
+        if offset > (committed or 0) and not self._compacted:
+            self._log.warning(
+                "stage %d resumed partition %d at offset %d, after its %s: "
+                "the records in between were not read",
+                self._stage,
+                partition,
+                offset,
+                "first record (no commit)"
+                if committed is None
+                else f"committed offset {committed}",
+                extra=extra,
+            )
+        else:
+            self._log.info(
+                "stage %d resumed partition %d at offset %d (committed: %s)",
+                self._stage,
+                partition,
+                offset,
+                committed,
+                extra=extra,
+            )

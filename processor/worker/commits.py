@@ -7,6 +7,9 @@ carried is out (in a written partial, in a Phoenix batch Phoenix accepted, or in
 replay from that offset needs travels in the commit itself, as Kafka's per-partition commit
 metadata, so offset and state are stored in one atomic write: no transactions, no second
 store to keep in step.
+
+The consumer thread also rewinds with ``seek_to_committed`` below, which, unlike aiokafka's,
+sends a partition with no commit back to its beginning.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import OffsetAndMetadata
 from aiokafka.structs import TopicPartition as KafkaTopicPartition
@@ -82,7 +86,28 @@ class CommitLedger:
         return len(held) if held else 0
 
 
+async def seek_to_committed(consumer: AIOKafkaConsumer) -> dict[KafkaTopicPartition, int | None]:
+    """Move every assigned partition back to its committed offset, or to its beginning.
+
+    faust rewinds with this when it drops records it fetched while its flow was stopped (a
+    rebalance in progress). aiokafka's own ``seek_to_committed`` leaves a partition with no
+    commit where it is, past the dropped records, which were then never read: a stage-2
+    partition resumed mid-topic after a rebalance and its windows came out short. A
+    partition with no commit starts at its beginning, as ``auto_offset_reset=earliest`` says.
+    """
+    committed: dict[KafkaTopicPartition, int | None] = await consumer.seek_to_committed()
+    uncommitted = [tp for tp, offset in committed.items() if not offset]
+    if uncommitted:
+        await consumer.seek_to_beginning(*uncommitted)
+    return committed
+
+
 class _CheckpointingConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    async def seek_to_committed(self) -> Mapping[TP, int]:
+        # Keyed by aiokafka's TopicPartition, a named tuple like faust's TP; faust converts.
+        committed: Any = await self.call_thread(seek_to_committed, self._ensure_consumer())
+        return committed
+
     async def _commit(self, offsets: Mapping[TP, int]) -> bool:
         ledger: CommitLedger | None = getattr(self.app, "commit_ledger", None)
         if ledger is None:

@@ -22,6 +22,7 @@ from processor.core.semconv import ExtractionConfig
 from processor.core.spans import DecodedMessage, MessageSource, RejectedSpan
 from processor.errors import InvalidInput
 from processor.sinks.otlp_batch import build_request
+from processor.worker.assignment import ResumeWatch
 from processor.worker.forwarding import SpanForwarder, SpanItem
 
 log = logging.getLogger(__name__)
@@ -78,33 +79,6 @@ class Stage1Counters:
     duplicate_pieces: int = 0  # repartition pieces a stage-0 replay sent again: dropped
 
 
-def resume_log(
-    logger: logging.Logger, stage: int, partition: int, offset: int, committed: int | None
-) -> None:
-    """Say where a stage resumed a partition it was assigned. Records between the committed
-    offset and the first one handled were never read by this group: retention removed them,
-    or the consumer skipped them (see docs/operations.md, "Rebalances")."""
-    if committed is not None and offset > committed:
-        logger.warning(
-            "stage %d resumed partition %d at offset %d, after the committed offset %d: "
-            "offsets in between were not read",
-            stage,
-            partition,
-            offset,
-            committed,
-            extra={"partition": partition, "offset": offset},
-        )
-    else:
-        logger.info(
-            "stage %d resumed partition %d at offset %d (committed: %s)",
-            stage,
-            partition,
-            offset,
-            committed,
-            extra={"partition": partition, "offset": offset},
-        )
-
-
 def partials_partition_of(agent: str, partitions: int) -> int:
     """Stage 2 is keyed by agent: every partial of one agent goes to the same partition."""
     return zlib.crc32(agent.encode()) % partitions
@@ -147,8 +121,7 @@ class Stage1:
         # Reading the repartition topic: the stage-0 pieces taken, per partition.
         self._repartitioned = repartitioned
         self._marks: dict[int, SourceMarks] = {}
-        # Partitions assigned whose first message is still to come: where reading resumes.
-        self._resuming: dict[int, int | None] = {}
+        self._resume = ResumeWatch(log, stage=1)
         self.counters = Stage1Counters()
 
     @property
@@ -185,7 +158,7 @@ class Stage1:
         # the chance to deliver anything yet.
         aggregator.watermark.touch(self._clock())
         self.partitions[partition] = aggregator
-        self._resuming[partition] = committed
+        self._resume.expect(partition, committed)
 
     def next_offset(self, partition: int) -> int | None:
         """The offset after the last message handled (or the checkpoint's, before any)."""
@@ -197,7 +170,7 @@ class Stage1:
         self.partitions.clear()
         self._next_offset.clear()
         self._marks.clear()
-        self._resuming.clear()
+        self._resume.clear()
 
     async def handle(
         self,
@@ -214,8 +187,7 @@ class Stage1:
             # the partition now reads it again from the committed offset.
             self.counters.skipped_messages += 1
             return
-        if partition in self._resuming:
-            resume_log(log, 1, partition, offset, self._resuming.pop(partition))
+        self._resume.handled(partition, offset)
         counters = self.counters
         self._next_offset[partition] = offset + 1
         if self._repartitioned and self._is_duplicate(partition, offset, headers):

@@ -12,7 +12,7 @@ from processor.core.merge import RollupMerger
 from processor.core.rollup import FinalRollup, PartitionProgress, parse_stage_record
 from processor.errors import RetryableExportError
 from processor.sinks.mlflow_writer import RollupWriter
-from processor.worker.stage1 import resume_log
+from processor.worker.assignment import ResumeWatch
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,8 @@ class Stage2:
         self._retry_max_s = retry_max_s
         self.mergers: dict[int, RollupMerger] = {}
         self._next_offset: dict[int, int] = {}
-        self._resuming: dict[int, int | None] = {}
+        # The partials topic is compacted: its first record need not be at the commit.
+        self._resume = ResumeWatch(log, stage=2, compacted=True)
         self.windows_written = 0
         self.write_retries = 0
         self.bad_records = 0
@@ -63,12 +64,12 @@ class Stage2:
     ) -> None:
         merger = self._merger(partition)
         merger.finalized_until_ms = finalized_until_ms
-        self._resuming[partition] = committed
+        self._resume.expect(partition, committed)
 
     def revoke_all(self) -> None:
         self.mergers.clear()
         self._next_offset.clear()
-        self._resuming.clear()
+        self._resume.clear()
 
     def _merger(self, partition: int) -> RollupMerger:
         merger = self.mergers.get(partition)
@@ -82,8 +83,7 @@ class Stage2:
         expected = self._next_offset.get(partition)
         if partition not in self.mergers or (expected is not None and offset < expected):
             return  # read before a rebalance took the partition away, or already seen
-        if partition in self._resuming:
-            resume_log(log, 2, partition, offset, self._resuming.pop(partition))
+        self._resume.handled(partition, offset)
         self._next_offset[partition] = offset + 1
         try:
             record = parse_stage_record(value)
