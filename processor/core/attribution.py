@@ -91,6 +91,10 @@ class TraceAssembler:
         self._traces: OrderedDict[bytes, _Trace] = OrderedDict()
         # (end ms, sequence, trace id) of every waiting span; stale entries are skipped
         self._pending_heap: list[tuple[int, int, bytes]] = []
+        # (last end ms, trace id) per trace; stale entries are skipped. The TTL goes by event
+        # time alone, not by arrival order: a replay from a checkpoint sees fewer traces, and
+        # must forget a trace when the first run did.
+        self._ttl_heap: list[tuple[int, bytes]] = []
         self._sequence = 0
         self._spans_held = 0
         # One tuple per distinct pair, shared by every span resolved to it: a trace's
@@ -129,6 +133,12 @@ class TraceAssembler:
         end_ms = span.end_ms
         if end_ms > trace.last_end_ms:
             trace.last_end_ms = end_ms
+            heap = self._ttl_heap
+            heapq.heappush(heap, (end_ms, span.trace_id))
+            if len(heap) > 4 * len(self._traces) + 1024:
+                # Mostly stale entries: rebuild from the traces held.
+                heap[:] = [(t.last_end_ms, tid) for tid, t in self._traces.items()]
+                heapq.heapify(heap)
         parent = span.parent_span_id
         if not parent:
             self._resolve(trace, span, offset, None, out)
@@ -235,11 +245,12 @@ class TraceAssembler:
                 self._resolve_as_orphan(trace, sequence, out)
         ttl_limit = watermark_ms - self._ttl_ms
         traces = self._traces
-        while traces:
-            trace_id, trace = next(iter(traces.items()))
-            if trace.last_end_ms > ttl_limit:
-                break
-            self._drop(trace_id, out)
+        ttl_heap = self._ttl_heap
+        while ttl_heap and ttl_heap[0][0] <= ttl_limit:
+            last_end_ms, trace_id = heapq.heappop(ttl_heap)
+            trace = traces.get(trace_id)
+            if trace is not None and trace.last_end_ms == last_end_ms:
+                self._drop(trace_id, out)
         return out
 
     def _evict_oldest(self, out: list[AttributedSpan]) -> None:
@@ -254,6 +265,10 @@ class TraceAssembler:
             self._resolve_as_orphan(trace, next(iter(trace.waiting)), out)
         self._spans_held -= len(trace.resolved)
         self.stats.traces = len(self._traces)
+
+    def holds(self, trace_id: bytes) -> bool:
+        """Whether the trace is still remembered (its spans can be parents)."""
+        return trace_id in self._traces
 
     def earliest_pending_end_ms(self) -> int | None:
         """End time of the oldest span still waiting for its parent, if any."""

@@ -131,7 +131,6 @@ class PartitionAggregator:
         self.watermark = Watermark(
             allowed_lateness_ms=allowed_lateness_ms, idle_timeout_ms=idle_timeout_ms
         )
-        self.assembler = assembler or TraceAssembler(attribution_wait_ms=allowed_lateness_ms)
         # window start -> (agent, dimensions) -> aggregate; plain tuples as keys, so the hot
         # path looks a series up without building a SeriesKey for every span
         self._windows: dict[int, dict[_Series, WindowAggregate]] = {}
@@ -142,6 +141,12 @@ class PartitionAggregator:
         self._trace_first_offset: dict[bytes, tuple[int, int]] = {}
         self._attribution_wait_ms = allowed_lateness_ms
         self._trace_ttl_ms = 2 * window_size_ms if trace_ttl_ms is None else trace_ttl_ms
+        # The assembler must forget a trace no later than the partition forgets the trace's
+        # first offset: a replay point that passes over a parent the assembler still knew
+        # would attribute its children differently (as invocations) in the replay.
+        self.assembler = assembler or TraceAssembler(
+            attribution_wait_ms=allowed_lateness_ms, trace_ttl_ms=self._trace_ttl_ms
+        )
         # (offset, max event, watermark, closed until) before each message not yet committed
         self._before: deque[tuple[int, int | None, int | None, int | None]] = deque()
         self._last_checkpoint: Checkpoint | None = None
@@ -395,7 +400,16 @@ class PartitionAggregator:
     def _forget_old_traces(self, watermark_ms: int) -> None:
         limit = watermark_ms - self._trace_ttl_ms
         first_offsets = self._trace_first_offset
-        stale = [trace for trace, (_, end_ms) in first_offsets.items() if end_ms < limit]
+        # Not while the assembler still holds the trace (it expires traces in arrival order,
+        # so it may keep one longer): a later child would find its parent there, and the
+        # replay point must then still cover the parent's message, or the replay would
+        # attribute the child differently.
+        holds = self.assembler.holds
+        stale = [
+            trace
+            for trace, (_, end_ms) in first_offsets.items()
+            if end_ms < limit and not holds(trace)
+        ]
         for trace in stale:
             del first_offsets[trace]
 

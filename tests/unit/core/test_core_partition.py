@@ -361,6 +361,19 @@ SAMPLINGS = {
     added_after_tick=st.integers(0, 4),
     sampling=st.sampled_from(sorted(SAMPLINGS)),
 )
+# Found by hypothesis: the assembler expired traces in arrival order, so a replay (which sees
+# fewer traces) forgot a parent the first run still knew, and its child became an invocation.
+@example(
+    messages=[
+        [record(trace=1, span=1, end_ms=T0_MS, dimensions=("x",))],
+        [record(trace=2, span=2, end_ms=T0_MS - 2_201, dimensions=("x",))],
+        [],
+        [record(trace=2, span=3, parent=2, end_ms=T0_MS + 1_200, dimensions=("x",))],
+    ],
+    crash=4,
+    added_after_tick=0,
+    sampling="at-once-dropped",
+)
 def test_a_crash_and_replay_with_a_sampler_counts_sampled_and_dropped_spans_once(
     messages: list[list[SpanRecord]], crash: int, added_after_tick: int, sampling: str
 ) -> None:
