@@ -400,10 +400,10 @@ class PartitionAggregator:
     def _forget_old_traces(self, watermark_ms: int) -> None:
         limit = watermark_ms - self._trace_ttl_ms
         first_offsets = self._trace_first_offset
-        # Not while the assembler still holds the trace (it expires traces in arrival order,
-        # so it may keep one longer): a later child would find its parent there, and the
-        # replay point must then still cover the parent's message, or the replay would
-        # attribute the child differently.
+        # Not while the assembler still holds the trace (one passed in may have a longer
+        # TTL): a later child would find its parent there, and the replay point must then
+        # still cover the parent's message, or the replay would attribute the child
+        # differently.
         holds = self.assembler.holds
         stale = [
             trace
