@@ -23,6 +23,7 @@ import heapq
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from processor.core.lazy_heap import LazyHeap
 from processor.core.semconv import UNKNOWN_AGENT
 from processor.core.spans import SpanRecord
 
@@ -94,7 +95,11 @@ class TraceAssembler:
         # (last end ms, trace id) per trace; stale entries are skipped. The TTL goes by event
         # time alone, not by arrival order: a replay from a checkpoint sees fewer traces, and
         # must forget a trace when the first run did.
-        self._ttl_heap: list[tuple[int, bytes]] = []
+        self._ttl_heap: LazyHeap[bytes] = LazyHeap(
+            self._last_end_of,
+            lambda: ((t.last_end_ms, tid) for tid, t in self._traces.items()),
+            self._traces.__len__,
+        )
         self._sequence = 0
         self._spans_held = 0
         # One tuple per distinct pair, shared by every span resolved to it: a trace's
@@ -133,12 +138,7 @@ class TraceAssembler:
         end_ms = span.end_ms
         if end_ms > trace.last_end_ms:
             trace.last_end_ms = end_ms
-            heap = self._ttl_heap
-            heapq.heappush(heap, (end_ms, span.trace_id))
-            if len(heap) > 4 * len(self._traces) + 1024:
-                # Mostly stale entries: rebuild from the traces held.
-                heap[:] = [(t.last_end_ms, tid) for tid, t in self._traces.items()]
-                heapq.heapify(heap)
+            self._ttl_heap.push(end_ms, span.trace_id)
         parent = span.parent_span_id
         if not parent:
             self._resolve(trace, span, offset, None, out)
@@ -243,15 +243,13 @@ class TraceAssembler:
             trace = self._traces.get(trace_id)
             if trace is not None and sequence in trace.waiting:
                 self._resolve_as_orphan(trace, sequence, out)
-        ttl_limit = watermark_ms - self._ttl_ms
-        traces = self._traces
-        ttl_heap = self._ttl_heap
-        while ttl_heap and ttl_heap[0][0] <= ttl_limit:
-            last_end_ms, trace_id = heapq.heappop(ttl_heap)
-            trace = traces.get(trace_id)
-            if trace is not None and trace.last_end_ms == last_end_ms:
-                self._drop(trace_id, out)
+        for trace_id in self._ttl_heap.pop_through(watermark_ms - self._ttl_ms):
+            self._drop(trace_id, out)
         return out
+
+    def _last_end_of(self, trace_id: bytes) -> int | None:
+        trace = self._traces.get(trace_id)
+        return None if trace is None else trace.last_end_ms
 
     def _evict_oldest(self, out: list[AttributedSpan]) -> None:
         trace_id = next(iter(self._traces))

@@ -2,11 +2,14 @@
 
 ``PartitionAggregator`` is pure: the worker feeds it decoded spans with their offsets and the
 wall-clock time, and asks it to ``advance``; it answers with the partial rollups of the windows
-the watermark has passed and a progress mark. A window closes once the watermark has passed its
-end and no span in it still waits for its parent's attribution. A span whose window has closed
-is counted in ``late_spans`` of the window currently open, never dropped. Windows close, and
-sampling decisions fall, as each message is added (not when the timer runs), so a replay of
-the same messages takes them at the same places; only the idle advance follows the clock.
+the watermark has passed and a progress mark. A span is late when the watermark had passed its
+window's end before the span came; it is then counted in ``late_spans`` of the newest window,
+never dropped. Whether a span is late depends on the watermark alone, never on what else waits,
+so a replay judges every span as the first run did. A window closes (its partials go out) once
+the watermark has passed its end and no span counted in it still waits for its parent's
+attribution or for its trace's sampling decision. Windows close, and sampling decisions fall,
+as each message is added (not when the timer runs), so a replay of the same messages takes
+them at the same places; only the idle advance follows the clock.
 
 Exactly-once effect without transactions: ``checkpoint(next_offset)`` names the offset it is
 safe to commit (every trace that fed an open window, or still waits, was first seen at or
@@ -136,6 +139,9 @@ class PartitionAggregator:
         self._windows: dict[int, dict[_Series, WindowAggregate]] = {}
         self._window_min_offset: dict[int, int] = {}
         self.closed_until_ms: int | None = None
+        # Windows ending at or before this, the watermark has passed: their spans are late.
+        # Closing them may wait longer, for spans in them still waiting.
+        self._late_until_ms: int | None = None
         self._sent_until_ms: int | None = None  # after a restore: what the first run sent
         # trace id -> (offset where this partition first saw it, its latest end ms)
         self._trace_first_offset: dict[bytes, tuple[int, int]] = {}
@@ -152,6 +158,10 @@ class PartitionAggregator:
         self._last_checkpoint: Checkpoint | None = None
         # Without a sampler every span is kept (and counted as sampled).
         self.sampler = sampler
+        if sampler is not None:
+            # Decisions are forgotten with the traces (by event time, so a replay forgets them
+            # where the first run did), not kept for as long as the cache has room.
+            sampler.uses_decision_ttl(self._trace_ttl_ms)
         self._kept: list[SampledSpan] = []
         self._closed: list[PartialRollup] = []  # closed windows waiting for ``advance``
         # The smallest first offset of the windows in ``_closed``: until ``advance`` hands
@@ -167,6 +177,8 @@ class PartitionAggregator:
         self.watermark.max_event_ms = checkpoint.max_event_ms
         self.watermark.value_ms = checkpoint.watermark_ms
         self.closed_until_ms = checkpoint.closed_until_ms
+        if checkpoint.watermark_ms is not None:  # as ``_settle`` left it for that watermark
+            self._late_until_ms = window_start(checkpoint.watermark_ms, self._size)
         self._sent_until_ms = checkpoint.sent_until_ms
         self._last_checkpoint = checkpoint
 
@@ -181,7 +193,7 @@ class PartitionAggregator:
         first_offsets = self._trace_first_offset
         attributed: list[AttributedSpan] = []  # reused: one list per message, not per span
         size = self._size
-        closed = self.closed_until_ms  # windows close in _settle only, after the loop
+        late_until = self._late_until_ms  # moves in _settle only, after the loop
         # Parents start no later than their children: in start order, a span mostly finds
         # its parent attributed already instead of waiting for it (SDKs export children
         # first, as they end first). The sort is stable (ties keep the message's order), so a
@@ -191,11 +203,11 @@ class PartitionAggregator:
             max_event = watermark.max_event_ms
             if max_event is None or end_ms > max_event:
                 watermark.observe(end_ms, now_ms)
-            if closed is not None and end_ms - end_ms % size + size <= closed:
+            if late_until is not None and end_ms - end_ms % size + size <= late_until:
                 # Late on arrival. Its window is the head window now, not when it is
                 # attributed or decided: those can come later in a replay (its parent, its
                 # trace's decision may lie before the checkpoint), and the head moves on.
-                span.late_window_ms = self._head_window(closed)
+                span.late_window_ms = self._head_window(late_until)
             else:
                 span.late_window_ms = None  # a record handed in again is judged again
             trace_id = span.trace_id
@@ -222,8 +234,12 @@ class PartitionAggregator:
         if self.sampler is not None:
             self._count_decisions(self.sampler.advance(watermark_ms))
         candidate = window_start(watermark_ms, self._size)
+        if self._late_until_ms is None or candidate > self._late_until_ms:
+            self._late_until_ms = candidate
         # A window stays open while a span in it waits for its parent's attribution or for
         # its trace's sampling decision: it then reports its own sampled and dropped spans.
+        # (Spans that come meanwhile are late all the same: what waits differs in a replay,
+        # which does not know the traces seen before its checkpoint.)
         waiting_ends = [self.assembler.earliest_pending_end_ms()]
         if self.sampler is not None:
             waiting_ends.append(self.sampler.earliest_buffered_end_ms())
@@ -400,15 +416,18 @@ class PartitionAggregator:
     def _forget_old_traces(self, watermark_ms: int) -> None:
         limit = watermark_ms - self._trace_ttl_ms
         first_offsets = self._trace_first_offset
-        # Not while the assembler still holds the trace (one passed in may have a longer
-        # TTL): a later child would find its parent there, and the replay point must then
-        # still cover the parent's message, or the replay would attribute the child
-        # differently.
-        holds = self.assembler.holds
+        # Not while the assembler or the sampler still holds the trace (one passed in may
+        # have a longer TTL): a later child would find its parent there, a later span its
+        # trace's decision, and a window counting that span must then hold the replay point
+        # at the trace's first message, or the replay would take the span for a new trace.
+        held_by_assembler = self.assembler.holds
+        sampler = self.sampler
         stale = [
             trace
             for trace, (_, end_ms) in first_offsets.items()
-            if end_ms < limit and not holds(trace)
+            if end_ms < limit
+            and not held_by_assembler(trace)
+            and (sampler is None or not sampler.holds(trace))
         ]
         for trace in stale:
             del first_offsets[trace]

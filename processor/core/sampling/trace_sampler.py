@@ -11,7 +11,10 @@ trace at once and remembers the decision, so that every span of a trace gets the
   policy's threshold: the same answer on any worker, OpenTelemetry-consistent).
 - **Capped** by the per-agent rate limit, span by span in arrival order; exemplar traces are
   exempt, so a rollup's link never points at nothing.
-- **Late spans** of a decided trace follow the cached decision at once (bounded LRU cache).
+- **Late spans** of a decided trace follow the cached decision at once. The cache is an LRU
+  bounded in size and, given a decision TTL, forgets a trace in event time: once the watermark
+  is that far past the trace's last end, as the assembler forgets a trace. A replay from a
+  checkpoint then forgets it where the first run did.
 - **Bounded**: past ``max_buffered_traces`` or ``max_buffered_spans`` the oldest trace (first
   seen) is decided at once on the spans it has, and counted in ``decided_early``.
 - **Nothing to wait for**: when only the probability can keep a trace
@@ -39,6 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from operator import attrgetter
 
+from processor.core.lazy_heap import LazyHeap
 from processor.core.sampling.policy import (
     DROP_NOT_SAMPLED,
     DROP_RATE_LIMITED,
@@ -72,6 +76,7 @@ class SamplingStats:
     decided_early: int = 0  # pushed out by the buffer bounds, decided on what was there
     decided_at_once: int = 0  # on their first span: only the probability could keep them
     cache_evictions: int = 0
+    decisions_expired: int = 0  # forgotten past the decision TTL (event time)
     buffered_spans: int = 0
     buffered_traces: int = 0
 
@@ -115,22 +120,31 @@ _MIN_OFFSET: Callable[[_Trace], int] = attrgetter("min_offset")
 class TraceSampler:
     """Decides, per trace, which spans go to Phoenix. See the module docstring."""
 
-    def __init__(self, policy: SamplingPolicy) -> None:
+    def __init__(self, policy: SamplingPolicy, *, decision_ttl_ms: int | None = None) -> None:
         if not isinstance(policy, SamplingPolicy):
             raise ValueError(f"policy must be a SamplingPolicy, got {policy!r}")
+        if decision_ttl_ms is not None and decision_ttl_ms < 0:
+            raise ValueError("decision_ttl_ms must not be negative")
         self.policy = policy
         rate = policy.agent_spans_per_second
         self._limiter = AgentRateLimiter(rate) if rate is not None else None
         self._at_once = policy.probability_only
         self._traces: dict[bytes, _Trace] = {}  # insertion order = first seen
         self._due: list[tuple[int, int, bytes]] = []  # (due ms, sequence, trace id)
-        # Lazy heaps of (value, trace id) for the earliest buffered end and smallest offset:
-        # asked after every message, so a scan of every buffered trace would not do. An entry
-        # counts only while its trace is buffered with that very value.
-        self._by_end: list[tuple[int, bytes]] = []
-        self._by_offset: list[tuple[int, bytes]] = []
+        # The earliest buffered end and the smallest buffered offset: asked after every
+        # message, so a scan of every buffered trace would not do.
+        self._by_end = self._buffered_heap(_MIN_END)
+        self._by_offset = self._buffered_heap(_MIN_OFFSET)
         self._sequence = 0
         self._decisions: OrderedDict[bytes, _Decision] = OrderedDict()
+        # With a TTL: trace id -> the last end (ms) of a decided trace, the TTL counts from it
+        self._decision_ttl_ms = decision_ttl_ms
+        self._decided_end: dict[bytes, int] = {}
+        self._decided_by_end: LazyHeap[bytes] = LazyHeap(
+            self._decided_end.get,
+            lambda: ((end, tid) for tid, end in self._decided_end.items()),
+            self._decided_end.__len__,
+        )
         self._forced_unseen: OrderedDict[bytes, None] = OrderedDict()
         self._clock_ms = 0  # the largest watermark seen: the rate limiter's event time
         self.stats = SamplingStats()
@@ -149,6 +163,7 @@ class TraceSampler:
         decision = self._decisions.get(trace_id)
         if decision is not None:
             self._decisions.move_to_end(trace_id)
+            self._extend_decided(trace_id, span.end_ms)
             if not decision.at_once:
                 self.stats.spans_after_decision += 1
             self._emit(item, decision, out)
@@ -156,7 +171,7 @@ class TraceSampler:
         traces = self._traces
         if self._at_once and trace_id not in traces and trace_id not in self._forced_unseen:
             keep = _randomness(span) >= self.policy.threshold
-            self._emit(item, self._decide_at_once(trace_id, keep), out)
+            self._emit(item, self._decide_at_once(trace_id, keep, span.end_ms), out)
             return out
         policy = self.policy
         if trace_id not in traces:
@@ -168,6 +183,7 @@ class TraceSampler:
         if trace is None:
             decision = self._decisions.get(trace_id)
             if decision is not None:  # its own trace was just decided early
+                self._extend_decided(trace_id, span.end_ms)
                 self.stats.spans_after_decision += 1
                 self._emit(item, decision, out)
                 return out
@@ -193,11 +209,12 @@ class TraceSampler:
                 or _randomness(span) >= self.policy.threshold
             ):
                 return False  # buffered, or kept: ``add`` says which
-            self._decide_at_once(trace_id, False)
+            self._decide_at_once(trace_id, False, span.end_ms)
         elif decision.keep:
             return False
         else:
             self._decisions.move_to_end(trace_id)
+            self._extend_decided(trace_id, span.end_ms)
             if not decision.at_once:
                 self.stats.spans_after_decision += 1
         self.stats.spans_dropped += 1
@@ -220,8 +237,8 @@ class TraceSampler:
             trace.forced = True
         self._traces[span.trace_id] = trace
         heapq.heappush(self._due, (trace.due_ms, trace.due_sequence, span.trace_id))
-        self._push(self._by_end, span.end_ns, span.trace_id, _MIN_END)
-        self._push(self._by_offset, offset, span.trace_id, _MIN_OFFSET)
+        self._by_end.push(span.end_ns, span.trace_id)
+        self._by_offset.push(offset, span.trace_id)
         self.stats.buffered_traces = len(self._traces)
         return trace
 
@@ -232,14 +249,14 @@ class TraceSampler:
         self.stats.buffered_spans += 1
         if offset < trace.min_offset:
             trace.min_offset = offset
-            self._push(self._by_offset, offset, span.trace_id, _MIN_OFFSET)
+            self._by_offset.push(offset, span.trace_id)
         if span.start_ns < trace.min_start_ns:
             trace.min_start_ns = span.start_ns
         if span.end_ns > trace.max_end_ns:
             trace.max_end_ns = span.end_ns
         elif span.end_ns < trace.min_end_ns:
             trace.min_end_ns = span.end_ns
-            self._push(self._by_end, span.end_ns, span.trace_id, _MIN_END)
+            self._by_end.push(span.end_ns, span.trace_id)
         # The trace's randomness is the smallest of its spans' (spans disagreeing is bad
         # input; the minimum does not depend on their order). A span without a tracestate
         # has its trace id's, the same for all of them: read once per trace.
@@ -278,7 +295,23 @@ class TraceSampler:
         if len(heap) > 2 * len(traces) + 1_024:  # stale entries of early or re-due traces
             self._due = [(t.due_ms, t.due_sequence, tid) for tid, t in traces.items()]
             heapq.heapify(self._due)
+        ttl = self._decision_ttl_ms
+        if ttl is not None:
+            decisions, decided_end = self._decisions, self._decided_end
+            for trace_id in self._decided_by_end.pop_through(self._clock_ms - ttl):
+                del decisions[trace_id], decided_end[trace_id]
+                self.stats.decisions_expired += 1
         return out
+
+    def uses_decision_ttl(self, ttl_ms: int) -> None:
+        """Forget a decision once the watermark is ``ttl_ms`` past its trace's last end,
+        unless a TTL is set already. Call it before the first span."""
+        if ttl_ms < 0:
+            raise ValueError("decision_ttl_ms must not be negative")
+        if self._decisions:
+            raise RuntimeError("uses_decision_ttl must come before the first decision")
+        if self._decision_ttl_ms is None:
+            self._decision_ttl_ms = ttl_ms
 
     # --- exemplars -------------------------------------------------------------------------
 
@@ -330,7 +363,7 @@ class TraceSampler:
             return REASON_PROBABILISTIC
         return None
 
-    def _decide_at_once(self, trace_id: bytes, keep: bool) -> _Decision:
+    def _decide_at_once(self, trace_id: bytes, keep: bool, end_ms: int) -> _Decision:
         stats = self.stats
         stats.traces_decided += 1
         stats.decided_at_once += 1
@@ -338,15 +371,25 @@ class TraceSampler:
             stats.traces_kept += 1
         reason = REASON_PROBABILISTIC if keep else None
         decision = _Decision(keep, reason, self.policy.threshold, False, at_once=True)
-        self._remember(trace_id, decision)
+        self._remember(trace_id, decision, end_ms)
         return decision
 
-    def _remember(self, trace_id: bytes, decision: _Decision) -> None:
+    def _remember(self, trace_id: bytes, decision: _Decision, end_ms: int) -> None:
         decisions = self._decisions
         decisions[trace_id] = decision
+        if self._decision_ttl_ms is not None:
+            self._decided_end[trace_id] = end_ms
+            self._decided_by_end.push(end_ms, trace_id)
         while len(decisions) > self.policy.decision_cache_size:
-            decisions.popitem(last=False)
+            evicted, _ = decisions.popitem(last=False)
+            self._decided_end.pop(evicted, None)
             self.stats.cache_evictions += 1
+
+    def _extend_decided(self, trace_id: bytes, end_ms: int) -> None:
+        """A span of a decided trace came: the decision's TTL counts from the latest end."""
+        if self._decision_ttl_ms is not None and end_ms > self._decided_end[trace_id]:
+            self._decided_end[trace_id] = end_ms
+            self._decided_by_end.push(end_ms, trace_id)
 
     def _decide(self, trace_id: bytes, out: list[SampledSpan], *, early: bool) -> None:
         trace = self._traces.pop(trace_id)
@@ -363,7 +406,7 @@ class TraceSampler:
             self.policy.threshold if reason == REASON_PROBABILISTIC else ALWAYS_SAMPLE_THRESHOLD
         )
         decision = _Decision(reason is not None, reason, threshold, trace.forced)
-        self._remember(trace_id, decision)
+        self._remember(trace_id, decision, trace.max_end_ns // NANOS_PER_MILLI)
         for item in trace.spans:
             self._emit(item, decision, out)
 
@@ -413,39 +456,34 @@ class TraceSampler:
 
     def pending_offset(self) -> int | None:
         """The smallest source offset of a span still buffered (undecided), if any."""
-        return self._top(self._by_offset, _MIN_OFFSET)
+        return self._by_offset.peek()
 
     def earliest_buffered_end_ms(self) -> int | None:
         """The end time of the earliest-ending span still buffered, if any: a window holding
         it cannot know yet how many of its spans are sampled."""
-        end_ns = self._top(self._by_end, _MIN_END)
+        end_ns = self._by_end.peek()
         return None if end_ns is None else end_ns // NANOS_PER_MILLI
 
-    def _push(
-        self,
-        heap: list[tuple[int, bytes]],
-        value: int,
-        trace_id: bytes,
-        value_of: Callable[[_Trace], int],
-    ) -> None:
-        heapq.heappush(heap, (value, trace_id))
-        if len(heap) > 4 * len(self._traces) + 1024:
-            # Mostly stale entries of decided traces: rebuild from the buffered ones.
-            heap[:] = [(value_of(trace), trace_id) for trace_id, trace in self._traces.items()]
-            heapq.heapify(heap)
-
-    def _top(self, heap: list[tuple[int, bytes]], value_of: Callable[[_Trace], int]) -> int | None:
+    def _buffered_heap(self, value_of: Callable[[_Trace], int]) -> LazyHeap[bytes]:
         traces = self._traces
-        while heap:
-            value, trace_id = heap[0]
+
+        def current(trace_id: bytes) -> int | None:
             trace = traces.get(trace_id)
-            if trace is not None and value_of(trace) == value:
-                return value
-            heapq.heappop(heap)  # decided, or its value moved on: stale
-        return None
+            return None if trace is None else value_of(trace)
+
+        return LazyHeap(
+            current,
+            lambda: ((value_of(trace), trace_id) for trace_id, trace in traces.items()),
+            traces.__len__,
+        )
 
     def is_buffered(self, trace_id: bytes) -> bool:
         return trace_id in self._traces
+
+    def holds(self, trace_id: bytes) -> bool:
+        """Whether the trace is buffered or its decision remembered: a span of it coming now
+        is taken as part of what came before, not as a new trace."""
+        return trace_id in self._traces or trace_id in self._decisions
 
     def cached_decision(self, trace_id: bytes) -> bool | None:
         """Whether the cache says keep (True) or drop (False); None when not cached."""

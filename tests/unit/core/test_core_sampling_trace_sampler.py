@@ -502,6 +502,34 @@ def test_a_cache_hit_refreshes_the_entry() -> None:
     assert sampler.cached_decision(two.to_bytes(16, "big")) is None
 
 
+def test_with_a_ttl_a_decision_is_forgotten_in_event_time_after_its_trace_last_end() -> None:
+    sampler = TraceSampler(policy(), decision_ttl_ms=1_000)
+    trace = trace_id(1, LUCKY)
+    key = trace.to_bytes(16, "big")
+    feed(sampler, [make(trace=trace, span=1, end_ms=T0_MS)])
+    assert [item.keep for item in sampler.advance(T0_MS)] == [True]
+    # a span of the decided trace follows the decision, and the TTL counts from its end
+    [item] = sampler.add(make(trace=trace, span=2, parent=1, end_ms=T0_MS + 500), "a", 2)
+    assert item.keep
+    sampler.advance(T0_MS + 1_499)
+    assert sampler.holds(key) and sampler.cached_decision(key) is True
+    sampler.advance(T0_MS + 1_500)
+    assert not sampler.holds(key) and sampler.cached_decision(key) is None
+    assert sampler.stats.decisions_expired == 1
+    # a straggler past the TTL starts the trace afresh: buffered, and decided on its own
+    assert sampler.add(make(trace=trace, span=3, parent=1, end_ms=T0_MS + 600), "a", 3) == []
+    assert sampler.holds(key)
+
+
+def test_without_a_ttl_a_decision_stays_as_long_as_the_cache_has_room() -> None:
+    sampler = TraceSampler(policy())
+    trace = trace_id(1, LUCKY)
+    decide_all(sampler, [make(trace=trace, end_ms=T0_MS)])
+    sampler.advance(FAR_FUTURE_MS + 10**9)
+    assert sampler.cached_decision(trace.to_bytes(16, "big")) is True
+    assert sampler.stats.decisions_expired == 0
+
+
 # --- memory bounds -------------------------------------------------------------------------------
 
 
