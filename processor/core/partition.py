@@ -32,6 +32,7 @@ import orjson
 
 from processor.core.aggregate import WindowAggregate
 from processor.core.attribution import AttributedSpan, TraceAssembler
+from processor.core.lazy_heap import LazyHeap
 from processor.core.rollup import PartialRollup, PartitionProgress, SeriesKey
 from processor.core.sampling import SampledSpan, TraceSampler
 from processor.core.semconv import OVERFLOW_SERIES
@@ -145,6 +146,12 @@ class PartitionAggregator:
         self._sent_until_ms: int | None = None  # after a restore: what the first run sent
         # trace id -> (offset where this partition first saw it, its latest end ms)
         self._trace_first_offset: dict[bytes, tuple[int, int]] = {}
+        first_offsets = self._trace_first_offset
+        self._traces_by_end: LazyHeap[bytes] = LazyHeap(
+            lambda trace: seen[1] if (seen := first_offsets.get(trace)) is not None else None,
+            lambda: ((end_ms, trace) for trace, (_, end_ms) in first_offsets.items()),
+            first_offsets.__len__,
+        )
         self._attribution_wait_ms = allowed_lateness_ms
         self._trace_ttl_ms = 2 * window_size_ms if trace_ttl_ms is None else trace_ttl_ms
         # The assembler must forget a trace no later than the partition forgets the trace's
@@ -191,6 +198,7 @@ class PartitionAggregator:
         add_to_assembler = self.assembler.add
         aggregate = self._aggregate
         first_offsets = self._trace_first_offset
+        by_end = self._traces_by_end
         attributed: list[AttributedSpan] = []  # reused: one list per message, not per span
         size = self._size
         late_until = self._late_until_ms  # moves in _settle only, after the loop
@@ -214,8 +222,10 @@ class PartitionAggregator:
             seen = first_offsets.get(trace_id)
             if seen is None:
                 first_offsets[trace_id] = (offset, end_ms)
+                by_end.push(end_ms, trace_id)
             elif end_ms > seen[1]:
                 first_offsets[trace_id] = (seen[0], end_ms)
+                by_end.push(end_ms, trace_id)
             add_to_assembler(span, offset, attributed)
             if attributed:
                 for item in attributed:
@@ -422,15 +432,15 @@ class PartitionAggregator:
         # at the trace's first message, or the replay would take the span for a new trace.
         held_by_assembler = self.assembler.holds
         sampler = self.sampler
-        stale = [
-            trace
-            for trace, (_, end_ms) in first_offsets.items()
-            if end_ms < limit
-            and not held_by_assembler(trace)
-            and (sampler is None or not sampler.holds(trace))
-        ]
-        for trace in stale:
-            del first_offsets[trace]
+        held: list[bytes] = []
+        by_end = self._traces_by_end
+        for trace in by_end.pop_through(limit - 1):
+            if held_by_assembler(trace) or (sampler is not None and sampler.holds(trace)):
+                held.append(trace)  # asked again at the next advance
+            else:
+                del first_offsets[trace]
+        for trace in held:
+            by_end.push(first_offsets[trace][1], trace)
 
     def min_open_offset(self) -> int | None:
         """Smallest first offset of a trace that fed an open window, or a closed one not yet

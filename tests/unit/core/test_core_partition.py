@@ -134,6 +134,26 @@ def test_a_window_stays_open_while_a_span_in_it_waits_for_its_parent() -> None:
     assert (newest.window_start_ms, newest.aggregate.late_spans) == (T0_MS + SIZE, 1)
 
 
+@pytest.mark.parametrize(
+    ("other_end_ms", "replay_from"),
+    [
+        (1_600, 0),  # within the TTL: the late child is part of trace 1, first seen at 0
+        (2_600, 1),  # a TTL past trace 1: forgotten, the child is a trace of its own
+    ],
+)
+def test_a_trace_is_forgotten_a_ttl_after_its_last_end_and_no_longer_holds_the_replay_point(
+    other_end_ms: int, replay_from: int
+) -> None:
+    agg = aggregator()  # TTL: two windows
+    agg.add(0, [record(trace=1, span=1, end_ms=T0_MS + 100, agent="planner")], now_ms=0)
+    agg.add(1, [record(trace=2, span=9, end_ms=T0_MS + other_end_ms, agent="x")], now_ms=0)
+    agg.advance(0, caught_up=False)
+    agg.add(2, [record(trace=1, span=2, parent=1, end_ms=T0_MS + 150)], now_ms=0)  # late
+    agg.advance(0, caught_up=False)
+
+    assert agg.checkpoint(3).offset == replay_from
+
+
 def test_dimensions_from_span_or_resource_split_the_series() -> None:
     config = ExtractionConfig(dimension_attributes=("env", "tenant"))
     payload = payload_of(
