@@ -139,7 +139,10 @@ class WorkerSettings(KafkaClientSettings):
     allowed_lateness_ms: int = Field(
         default=5_000,
         ge=0,
-        description="How far behind the newest end time a span may arrive and still count.",
+        description=(
+            "How far behind the newest end time a span may arrive and still count in its own "
+            "window (later ones count in `late_spans`)."
+        ),
     )
     idle_timeout_ms: int = Field(
         default=5_000,
