@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from processor.core.lazy_heap import LazyHeap
 from processor.core.semconv import UNKNOWN_AGENT
@@ -53,6 +55,9 @@ class _Trace:
     by_parent: dict[bytes, dict[int, None]] = field(default_factory=dict)
     by_span: dict[bytes, dict[int, None]] = field(default_factory=dict)
     last_end_ms: int = 0
+
+
+_LAST_END: Callable[[_Trace], int] = attrgetter("last_end_ms")  # what the TTL goes by
 
 
 @dataclass(slots=True)
@@ -95,11 +100,7 @@ class TraceAssembler:
         # (last end ms, trace id) per trace; stale entries are skipped. The TTL goes by event
         # time alone, not by arrival order: a replay from a checkpoint sees fewer traces, and
         # must forget a trace when the first run did.
-        self._ttl_heap: LazyHeap[bytes] = LazyHeap(
-            self._last_end_of,
-            lambda: ((t.last_end_ms, tid) for tid, t in self._traces.items()),
-            self._traces.__len__,
-        )
+        self._ttl_heap: LazyHeap[bytes, _Trace] = LazyHeap(self._traces, _LAST_END)
         self._sequence = 0
         self._spans_held = 0
         # One tuple per distinct pair, shared by every span resolved to it: a trace's
@@ -246,10 +247,6 @@ class TraceAssembler:
         for trace_id in self._ttl_heap.pop_through(watermark_ms - self._ttl_ms):
             self._drop(trace_id, out)
         return out
-
-    def _last_end_of(self, trace_id: bytes) -> int | None:
-        trace = self._traces.get(trace_id)
-        return None if trace is None else trace.last_end_ms
 
     def _evict_oldest(self, out: list[AttributedSpan]) -> None:
         trace_id = next(iter(self._traces))

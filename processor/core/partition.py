@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from typing import Any, Protocol
 
 import orjson
@@ -146,11 +146,8 @@ class PartitionAggregator:
         self._sent_until_ms: int | None = None  # after a restore: what the first run sent
         # trace id -> (offset where this partition first saw it, its latest end ms)
         self._trace_first_offset: dict[bytes, tuple[int, int]] = {}
-        first_offsets = self._trace_first_offset
-        self._traces_by_end: LazyHeap[bytes] = LazyHeap(
-            lambda trace: seen[1] if (seen := first_offsets.get(trace)) is not None else None,
-            lambda: ((end_ms, trace) for trace, (_, end_ms) in first_offsets.items()),
-            first_offsets.__len__,
+        self._traces_by_end: LazyHeap[bytes, tuple[int, int]] = LazyHeap(
+            self._trace_first_offset, itemgetter(1)
         )
         self._attribution_wait_ms = allowed_lateness_ms
         self._trace_ttl_ms = 2 * window_size_ms if trace_ttl_ms is None else trace_ttl_ms

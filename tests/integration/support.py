@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -205,3 +206,25 @@ def mlflow_metric_values(
             for point in client.get_metric_history(run.info.run_id, metric):
                 values.setdefault((agent, metric, point.step), set()).add(point.value)
     return values
+
+
+MLFLOW_CLIENT_VARIABLES = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+)
+
+
+@contextmanager
+def mlflow_client_environment() -> Iterator[None]:
+    """MLflow's client takes its server and credentials from these variables, set as a user
+    sets them: a test may set them, and the process gets its own values back afterwards."""
+    saved = {name: os.environ.get(name) for name in MLFLOW_CLIENT_VARIABLES}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 import random
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -28,7 +30,7 @@ from processor.core.rollup import FinalRollup, SeriesKey
 from processor.loadgen import Scenario, TraceGenerator
 from processor.sinks.mlflow_writer import RollupWriter, utc_day
 from processor.stack import StackEndpoints
-from tests.integration.support import poll_until
+from tests.integration.support import mlflow_client_environment, poll_until
 
 pytestmark = pytest.mark.integration
 
@@ -313,10 +315,18 @@ def _example_module() -> ModuleType:
     return module
 
 
+@pytest.fixture
+def analyst_environment(stack: StackEndpoints) -> Iterator[None]:
+    """``MLFLOW_TRACKING_URI`` set as the example's usage line sets it."""
+    with mlflow_client_environment():
+        os.environ["MLFLOW_TRACKING_URI"] = stack.mlflow_url
+        yield
+
+
 def test_the_example_reads_the_rollups_into_a_dataframe(
     stack: StackEndpoints,
     unique_name: str,
-    monkeypatch: pytest.MonkeyPatch,
+    analyst_environment: None,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     starts = [MAY_1 + i * WINDOW_MS for i in range(3)]
@@ -325,7 +335,6 @@ def test_the_example_reads_the_rollups_into_a_dataframe(
         tracking_uri=stack.mlflow_url, experiment_name=unique_name, phoenix_url=stack.phoenix_url
     ).write(rollups)
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.mlflow_url)
     frame = _example_module().read_rollups(unique_name)
     assert len(frame) == len(rollups)
     for rollup in rollups:

@@ -9,6 +9,7 @@ worker in production.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import secrets
 import time
@@ -26,6 +27,7 @@ from processor.settings import StackSettings
 from processor.sinks.mlflow_writer import RollupWriter
 from processor.stack import LocalStack
 from processor.worker.stage2 import Stage2
+from tests.integration.support import mlflow_client_environment
 
 pytestmark = pytest.mark.integration
 
@@ -78,13 +80,19 @@ def secured_mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[L
         local.down()
 
 
-def _login(monkeypatch: pytest.MonkeyPatch, user: tuple[str, str] | None) -> None:
+@pytest.fixture(autouse=True)
+def _own_mlflow_credentials() -> Iterator[None]:
+    with mlflow_client_environment():
+        yield
+
+
+def _login(user: tuple[str, str] | None) -> None:
+    """Give the MLflow client these credentials, as a user does (None: none)."""
     if user is None:
-        monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
-        monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+        os.environ.pop("MLFLOW_TRACKING_USERNAME", None)
+        os.environ.pop("MLFLOW_TRACKING_PASSWORD", None)
     else:
-        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user[0])
-        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", user[1])
+        os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = user
 
 
 def _aggregate(seed: int) -> WindowAggregate:
@@ -112,7 +120,7 @@ def _points(client: MlflowClient, run_id: str, metric: str) -> list[tuple[int, i
 
 
 def test_writes_need_a_user_allowed_to_edit_the_experiment(
-    secured_mlflow: tuple[LocalStack, str], monkeypatch: pytest.MonkeyPatch
+    secured_mlflow: tuple[LocalStack, str],
 ) -> None:
     _, url = secured_mlflow
     # The team's experiment exists already, made by the admin; users may only read it.
@@ -124,14 +132,14 @@ def test_writes_need_a_user_allowed_to_edit_the_experiment(
         FinalRollup(SeriesKey("coder"), MAY_2_NOON, 60_000, _aggregate(1), (0,), complete=True)
     ]
 
-    _login(monkeypatch, None)
+    _login(None)
     with pytest.raises(RetryableExportError, match="MLFLOW_TRACKING_USERNAME"):
         RollupWriter(tracking_uri=url, experiment_name="team-rollups").write(rollups)
-    _login(monkeypatch, (WRITER[0], "not-the-password"))
+    _login((WRITER[0], "not-the-password"))
     with pytest.raises(RetryableExportError, match="MLFLOW_TRACKING_PASSWORD"):
         RollupWriter(tracking_uri=url, experiment_name="team-rollups").write(rollups)
 
-    _login(monkeypatch, WRITER)
+    _login(WRITER)
     writer = RollupWriter(tracking_uri=url, experiment_name="team-rollups")
     with pytest.raises(RetryableExportError, match="EDIT permission"):
         writer.write(rollups)
@@ -166,10 +174,10 @@ async def _until(condition: Callable[[], bool], timeout_s: float, what: str) -> 
 
 
 def test_every_window_arrives_exactly_once_across_an_mlflow_outage(
-    secured_mlflow: tuple[LocalStack, str], monkeypatch: pytest.MonkeyPatch
+    secured_mlflow: tuple[LocalStack, str],
 ) -> None:
     local, url = secured_mlflow
-    _login(monkeypatch, WRITER)
+    _login(WRITER)
     agents = ("orchestrator", "coder", "critic")
     window_ms = 1_000
     writer = RollupWriter(

@@ -133,18 +133,14 @@ class TraceSampler:
         self._due: list[tuple[int, int, bytes]] = []  # (due ms, sequence, trace id)
         # The earliest buffered end and the smallest buffered offset: asked after every
         # message, so a scan of every buffered trace would not do.
-        self._by_end = self._buffered_heap(_MIN_END)
-        self._by_offset = self._buffered_heap(_MIN_OFFSET)
+        self._by_end = LazyHeap(self._traces, _MIN_END)
+        self._by_offset = LazyHeap(self._traces, _MIN_OFFSET)
         self._sequence = 0
         self._decisions: OrderedDict[bytes, _Decision] = OrderedDict()
         # With a TTL: trace id -> the last end (ms) of a decided trace, the TTL counts from it
         self._decision_ttl_ms = decision_ttl_ms
         self._decided_end: dict[bytes, int] = {}
-        self._decided_by_end: LazyHeap[bytes] = LazyHeap(
-            self._decided_end.get,
-            lambda: ((end, tid) for tid, end in self._decided_end.items()),
-            self._decided_end.__len__,
-        )
+        self._decided_by_end = LazyHeap(self._decided_end, lambda end: end)
         self._forced_unseen: OrderedDict[bytes, None] = OrderedDict()
         self._clock_ms = 0  # the largest watermark seen: the rate limiter's event time
         self.stats = SamplingStats()
@@ -463,19 +459,6 @@ class TraceSampler:
         it cannot know yet how many of its spans are sampled."""
         end_ns = self._by_end.peek()
         return None if end_ns is None else end_ns // NANOS_PER_MILLI
-
-    def _buffered_heap(self, value_of: Callable[[_Trace], int]) -> LazyHeap[bytes]:
-        traces = self._traces
-
-        def current(trace_id: bytes) -> int | None:
-            trace = traces.get(trace_id)
-            return None if trace is None else value_of(trace)
-
-        return LazyHeap(
-            current,
-            lambda: ((value_of(trace), trace_id) for trace_id, trace in traces.items()),
-            traces.__len__,
-        )
 
     def is_buffered(self, trace_id: bytes) -> bool:
         return trace_id in self._traces

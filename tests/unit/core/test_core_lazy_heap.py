@@ -14,11 +14,13 @@ _ops = st.lists(
 )
 
 
-def heap_over(values: dict[int, int]) -> LazyHeap[int]:
-    return LazyHeap(values.get, lambda: ((v, k) for k, v in values.items()), values.__len__)
+def heap_over(values: dict[int, int]) -> LazyHeap[int, int]:
+    return LazyHeap(values, lambda value: value)
 
 
-def apply(values: dict[int, int], heap: LazyHeap[int], ops: list[tuple[int, int | None]]) -> None:
+def apply(
+    values: dict[int, int], heap: LazyHeap[int, int], ops: list[tuple[int, int | None]]
+) -> None:
     for key, value in ops:
         if value is None:
             values.pop(key, None)
