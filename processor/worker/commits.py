@@ -9,7 +9,8 @@ metadata, so offset and state are stored in one atomic write: no transactions, n
 store to keep in step.
 
 The consumer thread also rewinds with ``seek_to_committed`` below, which, unlike aiokafka's,
-sends a partition with no commit back to its beginning.
+sends a partition with no commit back to its beginning, and keeps faust's livelock check off
+the partitions such a rewind left without a position.
 """
 
 from __future__ import annotations
@@ -102,11 +103,37 @@ async def seek_to_committed(consumer: AIOKafkaConsumer) -> dict[KafkaTopicPartit
     return committed
 
 
+def has_position(consumer: AIOKafkaConsumer, tp: TP) -> bool:
+    """Whether ``tp`` is assigned to ``consumer`` with a known fetch position."""
+    assignment = consumer._subscription.subscription
+    assigned = assignment.assignment if assignment is not None else None
+    if assigned is None:
+        return False
+    state = assigned.state_value(KafkaTopicPartition(tp.topic, tp.partition))
+    return state is not None and state.has_valid_position
+
+
 class _CheckpointingConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     async def seek_to_committed(self) -> Mapping[TP, int]:
         # Keyed by aiokafka's TopicPartition, a named tuple like faust's TP; faust converts.
         committed: Any = await self.call_thread(seek_to_committed, self._ensure_consumer())
         return committed
+
+    def verify_event_path(self, now: float, tp: TP) -> None:
+        # faust's livelock check (every few seconds; it only logs) reads each partition's
+        # position, and aiokafka asserts that the position is known. While seek_to_committed
+        # above sends a partition back to its beginning, it has none until the broker answers,
+        # and the failed assertion crashed the whole worker (a third worker joining
+        # mid-stream, in CI). Such a partition is not stuck, so the check passes over it. The
+        # rewind runs on the consumer thread and this on the event loop, so it can also start
+        # between the two reads: hence the except as well.
+        if not has_position(self._ensure_consumer(), tp):
+            return None
+        try:
+            super().verify_event_path(now, tp)
+        except AssertionError:
+            log.debug("livelock check passed over %s: it is being rewound", tp)
+        return None
 
     async def _commit(self, offsets: Mapping[TP, int]) -> bool:
         ledger: CommitLedger | None = getattr(self.app, "commit_ledger", None)
