@@ -27,8 +27,9 @@ RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin processor \
     && chown processor:processor /app
 USER processor
 
-# faust's web server (metrics, health); not published by docker-compose.yml.
-EXPOSE 6066
+# The worker's /metrics, /healthz, /readyz and /status (PROCESSOR_METRICS_PORT); not published by
+# docker-compose.yml, so that `--scale worker=N` works.
+EXPOSE 9464
 
 ENTRYPOINT ["trace-processor"]
 CMD ["worker"]

@@ -161,9 +161,6 @@ class WorkerSettings(KafkaClientSettings):
         default=1_000, ge=10, description="Longest a span waits before its batch is sent."
     )
     phoenix_enabled: bool = Field(default=True, description="Forward spans to Phoenix at all.")
-    web_port: int = Field(
-        default=6066, ge=0, le=65535, description="Port of the worker's faust web server."
-    )
     log_level: str = Field(default="info", description="Worker log level.")
     progress_log_interval_s: float = Field(
         default=10.0, gt=0, description="How often a worker logs its progress counters."
