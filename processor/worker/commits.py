@@ -105,8 +105,8 @@ async def seek_to_committed(consumer: AIOKafkaConsumer) -> dict[KafkaTopicPartit
 
 def has_position(consumer: AIOKafkaConsumer, tp: TP) -> bool:
     """Whether ``tp`` is assigned to ``consumer`` with a known fetch position."""
-    assignment = consumer._subscription.subscription
-    assigned = assignment.assignment if assignment is not None else None
+    subscription = consumer._subscription.subscription
+    assigned = subscription.assignment if subscription is not None else None
     if assigned is None:
         return False
     state = assigned.state_value(KafkaTopicPartition(tp.topic, tp.partition))
