@@ -13,7 +13,9 @@ worker's runtime dependencies, as deployed; ``--dev-venv`` runs them from this i
 Starts (or reuses) a local stack under ``.stack-bench/`` on its own ports, publishes the
 traces once (event time in the past, one ~100-span message per trace), then for each worker
 count runs that many `trace-processor worker` processes with a fresh consumer group over the
-same topic and prints spans/s (from the workers' progress lines, first span to last span),
+same topic and prints spans/s (from the workers' progress lines, first span to last span;
+and from the group's last assignment to the last span, which leaves out the start-up
+rebalance of several workers joining one after the other),
 peak RSS per worker (VmHWM), how long after the last span the last window reached MLflow and
 the most traces (trace buffers) and spans (samplers) a worker held at once.
 No assertions: the numbers are the result.
@@ -32,6 +34,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 from rich.console import Console
@@ -42,6 +45,9 @@ from processor.settings import StackSettings
 from processor.stack import LocalStack
 
 PROGRESS = re.compile(r"progress messages=(\d+) spans=(\d+) .* monotonic=([\d.]+)")
+# The same lines with their log time, and the group's assignments, on one clock.
+PROGRESS_AT = re.compile(r"^(\S+ \S+) .*progress messages=\d+ spans=(\d+) ", re.M)
+ASSIGNED_AT = re.compile(r"^(\S+ \S+) .*Setting newly assigned partitions", re.M)
 BUFFERS = re.compile(r"buffered_traces=(\d+) sampler_spans=(\d+)")
 console = Console(width=170)  # the table is wide: not cut to a terminal
 
@@ -122,6 +128,7 @@ def main() -> None:
         "workers",
         "spans/s (all)",
         "spans/s per worker",
+        "spans/s after the last rebalance (all)",
         "peak RSS per worker (MiB)",
         "last window in MLflow after last span (s)",
         "machine CPU busy (all processes)",
@@ -194,6 +201,7 @@ def main() -> None:
             str(count),
             f"{rate:,.0f}",
             f"{rate / count:,.0f}",
+            f"{_rate_after_last_rebalance(logs):,.0f}",
             ", ".join(f"{peak:.0f}" for peak in peaks),
             f"{written_after:.1f}",
             f"{_busy_share(cpu_samples, first, last):.0%}",
@@ -277,6 +285,48 @@ def _wait_for_all_spans(
             return min(starts), max(ends)
         time.sleep(1)
     raise SystemExit(f"workers did not read all {total} spans in {timeout_s}s; see {logs}")
+
+
+def _rate_after_last_rebalance(logs: list[Path]) -> float:
+    """Spans/s of all workers together from the group's last assignment to the last span.
+
+    Workers started together join the group one after the other: the first reads every
+    partition until the next joins, then each partition starts again at its committed offset
+    (usually its beginning, as no window has closed yet). That start-up costs the same few
+    seconds however long the run, so this rate leaves it out: the spans the workers handled
+    after the last assignment (re-read ones included), over the time they took.
+    """
+    texts = [log.read_text(errors="replace") for log in logs]
+    assigned = [_log_time(m.group(1)) for text in texts for m in ASSIGNED_AT.finditer(text)]
+    if not assigned:
+        return float("nan")
+    since = max(assigned)
+    handled, ends = 0.0, []
+    for text in texts:
+        points = [(_log_time(m.group(1)), int(m.group(2))) for m in PROGRESS_AT.finditer(text)]
+        if not points:
+            continue
+        final = points[-1][1]
+        ends.append(next(t for t, spans in points if spans == final))
+        handled += final - _spans_at(points, since)
+    elapsed = max(ends) - since
+    return handled / elapsed if elapsed > 0 else float("nan")
+
+
+def _log_time(stamp: str) -> float:
+    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def _spans_at(points: list[tuple[float, int]], at: float) -> float:
+    """A worker's handled-spans count at time ``at``, interpolated between progress lines."""
+    before = [(t, spans) for t, spans in points if t <= at]
+    after = [(t, spans) for t, spans in points if t > at]
+    if not before:
+        return 0.0
+    if not after:
+        return float(before[-1][1])
+    (t0, s0), (t1, s1) = before[-1], after[0]
+    return s0 + (s1 - s0) * (at - t0) / (t1 - t0)
 
 
 def _cpu_ticks() -> tuple[int, int]:
