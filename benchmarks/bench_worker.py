@@ -44,9 +44,9 @@ from processor.loadgen import Scenario, TraceGenerator, publish_traces
 from processor.settings import StackSettings
 from processor.stack import LocalStack
 
-PROGRESS = re.compile(r"progress messages=(\d+) spans=(\d+) .* monotonic=([\d.]+)")
-# The same lines with their log time, and the group's assignments, on one clock.
-PROGRESS_AT = re.compile(r"^(\S+ \S+) .*progress messages=\d+ spans=(\d+) ", re.M)
+# A worker's progress line: its log time, the spans it has handled, its monotonic clock.
+PROGRESS = re.compile(r"^(\S+ \S+) .*progress messages=\d+ spans=(\d+) .* monotonic=([\d.]+)", re.M)
+# The group's assignments, on the log's clock.
 ASSIGNED_AT = re.compile(r"^(\S+ \S+) .*Setting newly assigned partitions", re.M)
 BUFFERS = re.compile(r"buffered_traces=(\d+) sampler_spans=(\d+)")
 console = Console(width=170)  # the table is wide: not cut to a terminal
@@ -303,7 +303,7 @@ def _rate_after_last_rebalance(logs: list[Path]) -> float:
     since = max(assigned)
     handled, ends = 0.0, []
     for text in texts:
-        points = [(_log_time(m.group(1)), int(m.group(2))) for m in PROGRESS_AT.finditer(text)]
+        points = [(_log_time(m.group(1)), int(m.group(2))) for m in PROGRESS.finditer(text)]
         if not points:
             continue
         final = points[-1][1]
