@@ -38,7 +38,7 @@ from processor.loadgen import Scenario, TraceGenerator
 from processor.settings import StackSettings
 from processor.sinks.phoenix import ExportResult, PhoenixExporter, RetryPolicy
 from processor.stack import LocalStack
-from processor.worker.forwarding import ForwardedBatch, SpanForwarder, SpanItem
+from processor.worker.phoenix_delivery import ForwardedBatch, SpanForwarder, SpanItem
 
 CONFIG = ExtractionConfig()
 

@@ -40,7 +40,6 @@ from processor.core.sampling import (
     KEEP_REASONS,
     REASON_ATTRIBUTE,
     REASON_ERROR,
-    REASON_EXEMPLAR,
     REASON_LATENCY,
     REASON_PROBABILISTIC,
     SampledSpan,
@@ -182,6 +181,7 @@ def build_policy(args: argparse.Namespace, latency_threshold_ms: int) -> Samplin
         max_buffered_spans=args.max_buffered_spans,
         max_buffered_traces=args.max_buffered_traces,
         decision_cache_size=args.decision_cache_size,
+        budget_spans_per_second=args.budget,
     )
 
 
@@ -203,9 +203,17 @@ class RecordingSampler(TraceSampler):
         return dropped
 
     def add(
-        self, span: SpanRecord, agent: str, offset: int, *, is_invocation: bool = False
+        self,
+        span: SpanRecord,
+        agent: str,
+        offset: int,
+        *,
+        is_invocation: bool = False,
+        first_offset: int | None = None,
     ) -> list[SampledSpan]:
-        return self._noted(super().add(span, agent, offset, is_invocation=is_invocation))
+        return self._noted(
+            super().add(span, agent, offset, is_invocation=is_invocation, first_offset=first_offset)
+        )
 
     def advance(self, watermark_ms: int) -> list[SampledSpan]:
         return self._noted(super().advance(watermark_ms))
@@ -263,7 +271,6 @@ def feed(
         aggregator.take_kept()  # as the worker takes them
         return sampler.take_outcomes()
 
-    truth = traffic.truth
     outcomes: dict[bytes, Outcome] = {}
     spans_kept: Counter[str] = Counter()
     not_sampled = rate_limited = spans_out = rejected = 0
@@ -292,10 +299,7 @@ def feed(
 
     wall_began = time.perf_counter()
     next_tick = traffic.messages[0][1] + tick_ms if traffic.messages else 0
-    for offset, (payload, end_ms, trace_id) in enumerate(traffic.messages):
-        if sampler is not None and truth[trace_id].forced:
-            # As an exemplar picked upstream would be: before the trace's spans arrive.
-            sampler.force_keep(trace_id)
+    for offset, (payload, end_ms, _trace_id) in enumerate(traffic.messages):
         began = process_time()
         while end_ms >= next_tick:
             # The worker's timer fires between messages; its checkpoint scans the buffers too.
@@ -350,8 +354,6 @@ def expected_reason(item: TraceTruth, policy: SamplingPolicy, trace_id: bytes) -
         return REASON_LATENCY
     if item.matches:
         return REASON_ATTRIBUTE
-    if item.forced:
-        return REASON_EXEMPLAR
     if trace_id_randomness(trace_id) >= policy.threshold:
         return REASON_PROBABILISTIC
     return None
@@ -416,6 +418,7 @@ def main() -> None:
     parser.add_argument(
         "--agent-spans-per-second", type=float, default=defaults.sampling_agent_spans_per_second
     )
+    parser.add_argument("--budget", type=float, default=None)
     parser.add_argument("--max-buffered-traces", type=int, default=defaults.max_traces)
     parser.add_argument(
         "--max-buffered-spans", type=int, default=defaults.sampling_max_buffered_spans

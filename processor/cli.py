@@ -25,13 +25,23 @@ def main() -> None:
 
 
 @main.command()
-def worker() -> None:
-    """Run a worker (stages 1 and 2). Start more anywhere: the consumer group shares the work."""
+@click.option(
+    "--roles",
+    default=None,
+    metavar="ROLE,...",
+    help="Roles to run, comma-separated: aggregate, finalize, forward [default: "
+    "PROCESSOR_ROLES, else all three].",
+)
+def worker(roles: str | None) -> None:
+    """Run a worker. Start more anywhere: each role's consumer group shares its partitions."""
     from processor.settings import load_worker_settings
     from processor.worker.app import run_worker
 
     try:
-        settings = load_worker_settings()
+        overrides = {}
+        if roles is not None:
+            overrides["roles"] = [role.strip() for role in roles.split(",") if role.strip()]
+        settings = load_worker_settings(**overrides)
         run_worker(settings)
     except ProcessorError as exc:
         console.print(f"[red]error:[/red] {exc}")

@@ -26,6 +26,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from processor.core.sampling import SamplingPolicy
 from processor.errors import ConfigurationError
 
+Role = Literal["aggregate", "finalize", "forward"]
+ROLES: tuple[Role, ...] = ("aggregate", "finalize", "forward")
+
 
 class KafkaClientSettings(BaseSettings):
     """Where Kafka is: shared by the worker and the agents' publisher, one environment for both."""
@@ -91,7 +94,29 @@ class WorkerSettings(KafkaClientSettings):
     )
     partials_topic: str = Field(
         default="agent_rollups.partial",
-        description="Stage 1 -> stage 2 topic of partial window aggregates.",
+        description="Topic of partial window aggregates, from aggregate to finalize.",
+    )
+    sampled_topic: str = Field(
+        default="otlp_spans.sampled",
+        description="Topic of the kept (sampled) spans, from aggregate to forward.",
+    )
+    sampled_partitions: int = Field(
+        default=4, ge=1, description="Partitions of the sampled topic when the worker creates it."
+    )
+    sampled_retention_ms: int = Field(
+        default=7 * 24 * 3600 * 1000,
+        ge=60_000,
+        description=(
+            "Retention of the sampled topic: how long Phoenix may be away before kept spans "
+            "are lost (counted in phoenix_spans_lost_to_retention)."
+        ),
+    )
+    roles: list[Role] = Field(
+        default=list(ROLES),
+        description=(
+            "Roles this worker runs (JSON list, or `--roles` comma-separated): aggregate "
+            "(with the repartition), finalize, forward."
+        ),
     )
     spans_partitions: int = Field(
         default=4, ge=1, description="Partitions of the spans topic when the worker creates it."
@@ -152,7 +177,7 @@ class WorkerSettings(KafkaClientSettings):
     finalize_max_wait_ms: int = Field(
         default=60_000,
         ge=1_000,
-        description="Stage 2 finalises a window after this long even if a partition is silent.",
+        description="Finalize writes a window after this long even if a partition is silent.",
     )
     phoenix_batch_spans: int = Field(
         default=2_000, ge=1, description="Spans per OTLP request sent to Phoenix."
@@ -172,7 +197,16 @@ class WorkerSettings(KafkaClientSettings):
     phoenix_max_in_flight: int = Field(
         default=4,
         ge=1,
-        description="Requests to Phoenix out at once; beyond that consumption waits.",
+        description="Requests to Phoenix out at once; beyond that forwarding waits.",
+    )
+    phoenix_max_spans_per_second: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Budget of spans per second sent to Phoenix in all, shared over the source "
+            "partitions in event time; traces only the probability keeps are dropped whole "
+            "past it (reason `budget`). Unset: no limit."
+        ),
     )
     phoenix_timeout_s: float = Field(
         default=30.0, gt=0, description="Timeout of one request to Phoenix (then it is retried)."
@@ -283,9 +317,13 @@ class WorkerSettings(KafkaClientSettings):
         if (
             self.sampling_probability >= 1.0
             and self.sampling_agent_spans_per_second is None
+            and self.phoenix_max_spans_per_second is None
             and not self.sampling_attribute_matches
         ):
             return None
+        budget = self.phoenix_max_spans_per_second
+        # Each source partition decides alone, in its own event time: an equal share each.
+        share = budget / self.spans_partitions if budget is not None else None
         try:
             return SamplingPolicy(
                 probability=self.sampling_probability,
@@ -296,6 +334,7 @@ class WorkerSettings(KafkaClientSettings):
                     for key, values in self.sampling_attribute_matches.items()
                 },
                 agent_spans_per_second=self.sampling_agent_spans_per_second,
+                budget_spans_per_second=share,
                 decision_grace_ms=self.sampling_decision_grace_ms,
                 decision_max_wait_ms=self.sampling_decision_max_wait_ms,
                 max_buffered_spans=self.sampling_max_buffered_spans,
@@ -317,18 +356,31 @@ class WorkerSettings(KafkaClientSettings):
     def _topics_are_distinct(self) -> WorkerSettings:
         if self.repartition_topic is None:
             self.repartition_topic = f"{self.spans_topic}.by_trace_id"
-        topics = [self.spans_topic, self.dead_letter_topic, self.partials_topic]
+        topics = [
+            self.spans_topic,
+            self.dead_letter_topic,
+            self.partials_topic,
+            self.sampled_topic,
+        ]
         if self.repartition_by_trace_id:
             topics.append(self.repartition_topic)
         if len(set(topics)) != len(topics):
             raise ValueError(
-                "the spans, dead-letter, partials and repartition topics must all differ, "
-                f"got {topics}"
+                "the spans, dead-letter, partials, sampled and repartition topics must all "
+                f"differ, got {topics}"
             )
+        if not self.roles:
+            raise ValueError(f"name at least one role of {', '.join(ROLES)}")
+        self.roles = [role for role in ROLES if role in self.roles]  # one order, no repeats
         return self
 
     @property
-    def stage1_topic(self) -> str:
+    def forward_group_id(self) -> str:
+        """The forward role's consumer group: its own, so its lag never holds the others."""
+        return f"{self.app_id}.forward"
+
+    @property
+    def aggregate_topic(self) -> str:
         """The topic trace assembly reads: the repartition topic when repartitioning."""
         if self.repartition_by_trace_id and self.repartition_topic is not None:
             return self.repartition_topic
@@ -369,10 +421,12 @@ class StackSettings(BaseSettings):
     )
 
 
-def load_worker_settings() -> WorkerSettings:
-    """Read and validate the worker settings, or raise ConfigurationError saying what to fix."""
+def load_worker_settings(**overrides: object) -> WorkerSettings:
+    """Read and validate the worker settings, or raise ConfigurationError saying what to fix.
+
+    ``overrides`` (command-line options) take precedence over the environment."""
     try:
-        return WorkerSettings()
+        return WorkerSettings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         raise ConfigurationError.from_validation(exc) from exc
 

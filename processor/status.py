@@ -163,7 +163,11 @@ class FleetView:
         ready = sum(1 for s in answering if s.status.get("ready"))
         spans_rate = [_rate(s, previous.get(s.url), "spans_in_total") for s in answering]
         known_rates = [r for r in spans_rate if r is not None]
-        lag = sum(s.total("consumer_lag") for s in answering)
+        lag = sum(s.total("consumer_lag") - s.total("forward_lag_messages") for s in answering)
+        forward_lag = sum(s.total("forward_lag_messages") for s in answering)
+        oldest = max(
+            (s.total("forward_oldest_unforwarded_age_seconds") for s in answering), default=0.0
+        )
         clock = datetime.fromtimestamp(now_s, UTC).strftime("%H:%M:%S UTC")
         headline = Text.assemble(
             ("agent-trace-processor", "bold"),
@@ -171,6 +175,7 @@ class FleetView:
             (f"{ready} ready", "green" if ready == len(scrapes) and scrapes else "yellow"),
             f"  spans in {_number(sum(known_rates) if known_rates else None, '/s')}",
             f"  lag {_number(lag)}",
+            f"  forwarding lag {_number(forward_lag)} (oldest {_duration(oldest)})",
             f"  {clock}",
             (f"  ({source})", "dim"),
         )
@@ -193,7 +198,15 @@ class FleetView:
 
     def _workers(self, scrapes: Sequence[Scrape], previous: Mapping[str, Scrape]) -> Table:
         table = Table(title="workers", title_justify="left", expand=False)
-        for column in ("worker", "ready", "partitions", "spans in", "to Phoenix", "lag"):
+        for column in (
+            "worker",
+            "ready",
+            "partitions",
+            "spans in",
+            "to Phoenix",
+            "lag",
+            "forwarding lag",
+        ):
             table.add_column(
                 column, justify="right" if column not in ("worker", "ready") else "left"
             )
@@ -202,23 +215,32 @@ class FleetView:
         table.add_column("retries", justify="right")
         for s in scrapes:
             if s.error is not None:
-                table.add_row(s.url, Text("unreachable", style="red"), *["-"] * 10)
+                table.add_row(s.url, Text("unreachable", style="red"), *["-"] * 11)
                 continue
             before = previous.get(s.url)
             assignment = s.status.get("assignment", {})
             topics = s.status.get("topics", {})
             spans_parts = assignment.get(topics.get("spans"), [])
             partial_parts = assignment.get(topics.get("partials"), [])
+            sampled_parts = assignment.get(topics.get("sampled"), [])
+            roles = ",".join(s.status.get("roles", []))
             retries = s.total("phoenix_retries_total") + s.total("mlflow_write_retries_total")
+            forwarding = (
+                f"{_number(s.total('forward_lag_messages'))} "
+                f"({_duration(s.total('forward_oldest_unforwarded_age_seconds'))})"
+                if s.has("forward_lag_messages")
+                else "-"
+            )
             table.add_row(
-                s.worker_id,
+                f"{s.worker_id} [{roles}]" if roles else s.worker_id,
                 Text("ready", style="green")
                 if s.status.get("ready")
                 else Text("not ready", style="yellow"),
-                f"{_ids(spans_parts)} / {_ids(partial_parts)}",
+                f"{_ids(spans_parts)} / {_ids(partial_parts)} / {_ids(sampled_parts)}",
                 _number(_rate(s, before, "spans_in_total"), "/s"),
                 _number(_rate(s, before, "phoenix_spans_accepted_total"), "/s"),
-                _number(s.total("consumer_lag")),
+                _number(s.total("consumer_lag") - s.total("forward_lag_messages")),
+                forwarding,
                 _number(s.total("trace_buffer_traces")),
                 _number(s.total("phoenix_spans_pending"))
                 if s.has("phoenix_spans_pending")

@@ -18,6 +18,12 @@ were before that offset*, and how far windows have been sent. ``restore`` puts t
 in a fresh aggregator; replaying from the committed offset then takes the same decisions as the
 first run, re-sends byte-identical partials of the windows not yet committed, and suppresses
 the windows that were already sent.
+
+With a span budget a trace's sampling outcome also depends on the traces that charged its
+budget slot; the outcome says where a replay must start to see them (``replay_from``) and the
+window counting it holds its replay point there, as it does at the first offset of every trace
+that fed it. The sampler says where decisions still to come, and decisions it remembers, hold
+the replay point (``budget_replay_offset``).
 """
 
 from __future__ import annotations
@@ -162,6 +168,7 @@ class PartitionAggregator:
         self._last_checkpoint: Checkpoint | None = None
         # Without a sampler every span is kept (and counted as sampled).
         self.sampler = sampler
+        self._budgeted = sampler is not None and sampler.policy.budget_spans_per_second is not None
         if sampler is not None:
             # Decisions are forgotten with the traces (by event time, so a replay forgets them
             # where the first run did), not kept for as long as the cache has room.
@@ -247,8 +254,13 @@ class PartitionAggregator:
         # its trace's sampling decision: it then reports its own sampled and dropped spans.
         # (Spans that come meanwhile are late all the same: what waits differs in a replay,
         # which does not know the traces seen before its checkpoint.)
-        waiting_ends = [self.assembler.earliest_pending_end_ms()]
+        attribution_end = self.assembler.earliest_pending_end_ms()
+        waiting_ends = [attribution_end]
         if self.sampler is not None:
+            if self._budgeted:
+                counted_from = self._counted_from_ms(attribution_end)
+                if counted_from is not None:
+                    self.sampler.forget_budget_before(counted_from)
             waiting_ends.append(self.sampler.earliest_buffered_end_ms())
         for waiting_end in waiting_ends:
             if waiting_end is not None:
@@ -271,6 +283,17 @@ class PartitionAggregator:
                 )
             self.stats.windows_closed += 1
 
+    def _counted_from_ms(self, attribution_end_ms: int | None) -> int | None:
+        """No span handed to the sampler from now on counts before this: a span to come is
+        not late (its window is open) or counts in the open head window, and one waiting for
+        its parent counts at its end or later. None before the first watermark."""
+        late_until = self._late_until_ms
+        if late_until is None:
+            return None
+        if attribution_end_ms is not None and attribution_end_ms < late_until:
+            return attribution_end_ms
+        return late_until
+
     def take_kept(self) -> list[SampledSpan]:
         """Spans kept (to go to Phoenix) since the last call; dropped ones are only counted."""
         kept, self._kept = self._kept, []
@@ -288,8 +311,11 @@ class PartitionAggregator:
             window = self._window_of_decision(item)
             if window is None:
                 continue
+            replay_from = item.offset
+            if item.replay_from is not None and item.replay_from < replay_from:
+                replay_from = item.replay_from  # a budget decision: see the module docstring
             aggregate = self._series(
-                window, (item.agent, item.dimensions), item.offset, counts_span=False
+                window, (item.agent, item.dimensions), replay_from, counts_span=False
             )
             if item.keep:
                 aggregate.sampled_spans += 1
@@ -377,7 +403,13 @@ class PartitionAggregator:
             if counted_in is not None:
                 counted_in.dropped_spans += 1
         else:
-            decided = sampler.add(span, item.agent, item.offset, is_invocation=item.is_invocation)
+            decided = sampler.add(
+                span,
+                item.agent,
+                item.offset,
+                is_invocation=item.is_invocation,
+                first_offset=replay_from,
+            )
             if decided:
                 self._count_decisions(decided)
 
@@ -453,15 +485,18 @@ class PartitionAggregator:
         )
         return min(offsets) if offsets else None
 
-    def checkpoint(self, next_offset: int, *, limit: int | None = None) -> Checkpoint:
-        """The offset safe to commit (at most ``next_offset`` and ``limit``) and its state.
-
-        ``next_offset`` is the offset after the last message added; ``limit`` lets the caller
-        hold the commit back further (spans not yet accepted by Phoenix).
-        """
+    def checkpoint(self, next_offset: int) -> Checkpoint:
+        """The offset safe to commit (at most ``next_offset``, the offset after the last
+        message added) and its state."""
         safe = next_offset
-        pending = self.sampler.pending_offset() if self.sampler is not None else None
-        for candidate in (self.min_open_offset(), limit, pending):
+        holds = [self.min_open_offset()]
+        sampler = self.sampler
+        if sampler is not None:
+            holds.append(sampler.pending_offset())
+            if self._budgeted:
+                counted_from = self._counted_from_ms(self.assembler.earliest_pending_end_ms())
+                holds.append(sampler.budget_replay_offset(counted_from))
+        for candidate in holds:
             if candidate is not None and candidate < safe:
                 safe = candidate
         last = self._last_checkpoint

@@ -16,7 +16,7 @@ Layout:
 Idempotence. MLflow stores a metric point that is identical in key, step, timestamp and value
 once (checked against ``mlflow server`` 3.17: the metrics table's primary key includes the
 value and ``log_batch`` skips the rows that exist), so a replayed window with the same values
-adds no rows. The same window with *other* values (stage 2 finalising it again, e.g. a window
+adds no rows. The same window with *other* values (finalize finalising it again, e.g. a window
 first finalised incomplete) would add a second point at its step, at the same timestamp, which
 readers cannot tell from the first (MLflow orders a history by timestamp, step, value). So the
 writer keeps one point per window and metric: it remembers which windows each run holds and
@@ -24,7 +24,7 @@ skips them, the first values stay. Each window's ``spans`` point goes last and m
 written; a run's marks are read from its ``spans`` history once, when the run is looked up.
 
 Failures. MLflow's client retries for minutes by default (7 retries, exponential backoff,
-120 s timeout). Stage 2 retries a failed write forever with its own backoff, so the writer
+120 s timeout). Finalize retries a failed write forever with its own backoff, so the writer
 makes calls fail fast (`CLIENT_HTTP_POLICY`) and turns every failure of the environment
 (connection refused, timeouts, 5xx, 401/403, a run or experiment deleted under it) into
 ``RetryableExportError``. A request MLflow rejects as invalid is a bug: ``PermanentExportError``.

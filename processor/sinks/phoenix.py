@@ -20,8 +20,8 @@ queue in order, so a batch whose last span is written is written (``EncodedBatch
 ``StoreConfirmer`` turns those answers into a verdict per batch: written, or to be sent again.
 
 ``RetryPolicy`` is the pure backoff rule (exponential, jittered, honouring ``Retry-After``); the
-retry loop itself lives with the caller (``processor.worker.forwarding``), which decides what to
-do with the spans while it waits.
+retry loop itself lives with the caller (``processor.worker.phoenix_delivery``), which decides
+what to do with the spans while it waits.
 
 The API key is sent as ``Authorization: Bearer <key>`` and appears in no log line, error or repr.
 """

@@ -1,1 +1,2 @@
-"""The faust worker: stage 1 (per source partition) and stage 2 (per agent)."""
+"""The worker's roles: aggregate (per source partition), finalize (per agent) and forward
+(per sampled partition), and their wiring to Kafka."""

@@ -57,7 +57,7 @@ class AssignmentGate:
 
 
 class ResumeWatch:
-    """Says where a stage resumed each partition it was assigned, against where it should have.
+    """Says where a role resumed each partition it was assigned, against where it should have.
 
     The first record handled after an assignment should be the committed one, or the
     partition's first record when nothing was committed. A later one means the records in
@@ -66,9 +66,9 @@ class ResumeWatch:
     topic a later first record is normal, so there the line stays informational.
     """
 
-    def __init__(self, logger: logging.Logger, stage: int, *, compacted: bool = False) -> None:
+    def __init__(self, logger: logging.Logger, role: str, *, compacted: bool = False) -> None:
         self._log = logger
-        self._stage = stage
+        self._role = role
         self._compacted = compacted
         self._pending: dict[int, int | None] = {}
 
@@ -76,8 +76,8 @@ class ResumeWatch:
         """``partition`` was assigned; ``committed`` is the group's offset (None: no commit)."""
         self._pending[partition] = committed
 
-    def clear(self) -> None:
-        self._pending.clear()
+    def forget(self, partition: int) -> None:
+        self._pending.pop(partition, None)
 
     def handled(self, partition: int, offset: int) -> None:
         """Note a handled record; only the first one after an assignment is logged."""
@@ -87,9 +87,9 @@ class ResumeWatch:
         extra = {"partition": partition, "offset": offset}
         if offset > (committed or 0) and not self._compacted:
             self._log.warning(
-                "stage %d resumed partition %d at offset %d, after its %s: "
+                "%s resumed partition %d at offset %d, after its %s: "
                 "the records in between were not read",
-                self._stage,
+                self._role,
                 partition,
                 offset,
                 "first record (no commit)"
@@ -99,8 +99,8 @@ class ResumeWatch:
             )
         else:
             self._log.info(
-                "stage %d resumed partition %d at offset %d (committed: %s)",
-                self._stage,
+                "%s resumed partition %d at offset %d (committed: %s)",
+                self._role,
                 partition,
                 offset,
                 committed,

@@ -99,7 +99,7 @@ async def seek_to_committed(consumer: AIOKafkaConsumer) -> dict[KafkaTopicPartit
 
     faust rewinds with this when it drops records it fetched while its flow was stopped (a
     rebalance in progress). aiokafka's own ``seek_to_committed`` leaves a partition with no
-    commit where it is, past the dropped records, which were then never read: a stage-2
+    commit where it is, past the dropped records, which were then never read: a finalize
     partition resumed mid-topic after a rebalance and its windows came out short. A
     partition with no commit starts at its beginning, as ``auto_offset_reset=earliest`` says.
     """

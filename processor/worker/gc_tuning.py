@@ -1,10 +1,10 @@
 """Garbage-collector settings for a worker process.
 
-Stage 1 keeps many small objects alive (buffered spans, their records, the sampler's and the
+Aggregate keeps many small objects alive (buffered spans, their records, the sampler's and the
 assembler's indexes). CPython's cyclic collector runs every 700 net allocations and its older
 generations scan every one of those objects again, although the pipeline makes almost no
 reference cycles: reference counting frees its objects. With the default thresholds the
-collector took a tenth to a third of stage 1's time on 100-span traces, depending on the run
+collector took a tenth to a third of aggregate's time on 100-span traces, depending on the run
 (``benchmarks/bench_sampling.py --gc default`` against the default ``--gc worker``).
 Collections still run, only less often.
 """

@@ -4,12 +4,14 @@
 is not live should be restarted. *Ready* means it does useful work now:
 
 - it has joined the consumer group and no rebalance is under way;
-- every partition assigned to it has its state restored (stage 1 from the checkpoint in the
-  commit metadata, stage 2 from its finalised-until mark): the worker replays from the
+- every partition assigned to it has its state restored (aggregate from the checkpoint in the
+  commit metadata, finalize from its finalised-until mark): the worker replays from the
   committed offset from there on;
-- Phoenix (when forwarding is on) accepts an empty OTLP request with our API key, and MLflow
-  answers ``/health``. The probes run in the background every ``health_check_interval_s``;
-  until the first answer a dependency counts as not ready.
+- what its roles write to answers: Phoenix (the forward role) accepts an empty OTLP request
+  with our API key, MLflow (the finalize role) answers ``/health``. The aggregate role writes
+  only to Kafka, so Phoenix and MLflow being down never makes it unready. The probes run in
+  the background every ``health_check_interval_s``; until the first answer a dependency
+  counts as not ready.
 
 A worker with no partition at all (more workers than partitions) is ready: it stands by.
 ``evaluate_readiness`` is pure; ``DependencyProbes`` does the I/O.
@@ -186,10 +188,10 @@ def restored_partitions(
     *,
     spans_topic: str,
     partials_topic: str,
-    stage1_partitions: Iterable[int],
-    stage2_partitions: Iterable[int],
+    aggregate_partitions: Iterable[int],
+    finalize_partitions: Iterable[int],
 ) -> frozenset[tuple[str, int]]:
     return frozenset(
-        [(spans_topic, p) for p in stage1_partitions]
-        + [(partials_topic, p) for p in stage2_partitions]
+        [(spans_topic, p) for p in aggregate_partitions]
+        + [(partials_topic, p) for p in finalize_partitions]
     )

@@ -1,10 +1,11 @@
 """The worker's self-metrics (Prometheus), its HTTP endpoints and the local worker registry.
 
-``install_observability(app, settings, stage1=..., stage2=..., forwarder=..., ledger=...)``
-is all ``create_app`` calls. It adds one service to the faust app, started before the Kafka
-consumer (so the endpoints answer while the worker joins its group) and stopped after it:
+``install_observability(app, settings, aggregate=..., finalize=..., forward=..., ledger=...)``
+is all ``create_app`` calls (a role the worker does not run is None). It adds one service to
+the faust app, started before the Kafka consumer (so the endpoints answer while the worker
+joins its group) and stopped after it; a forward-only worker runs the service without faust:
 
-- ``GET /metrics``: Prometheus text. ``StageCollector`` reads the counters the stages keep
+- ``GET /metrics``: Prometheus text. ``RoleCollector`` reads the counters the roles keep
   anyway at scrape time; nothing on the hot path increments a Prometheus object.
 - ``GET /healthz`` (live) and ``GET /readyz`` (ready): 200 or 503 with a JSON body; the rules
   are in ``processor.worker.health``.
@@ -16,7 +17,7 @@ The server binds ``metrics_host`` on ``metrics_port``, or the next free port up 
 notes its URL in ``registry_dir/<worker id>.json`` and removes the note when it stops;
 ``trace-processor status`` reads the folder.
 
-Counters that the stages keep per assignment (a ``PartitionAggregator`` starts at zero each
+Counters that the roles keep per assignment (a ``PartitionAggregator`` starts at zero each
 time its partition is assigned) are carried into totals that never go down: the collector
 notices a replaced aggregator at the next scrape or sweep (every second) and adds what the old
 one had counted.
@@ -74,7 +75,7 @@ if TYPE_CHECKING:  # `trace-processor status` imports this module: no MLflow or 
     from processor.core.sampling import SamplingStats
     from processor.sinks.mlflow_writer import RollupWriter
     from processor.worker.commits import CommitLedger
-    from processor.worker.forwarding import SpanForwarder
+    from processor.worker.forward_consumer import ForwardConsumer
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ RECENT_WINDOWS_SHOWN = 20
 # -- what the collector reads --------------------------------------------------------------
 
 
-class Stage1Counters(Protocol):
+class AggregateCounters(Protocol):
     @property
     def partials(self) -> int: ...
     @property
@@ -98,15 +99,27 @@ class Stage1Counters(Protocol):
     def spans_by_partition(self) -> Mapping[int, int]: ...
     @property
     def dead_letters_by_reason(self) -> Mapping[str, int]: ...
-
-
-class Stage1View(Protocol):
     @property
-    def counters(self) -> Stage1Counters: ...
+    def kept_spans(self) -> int: ...
+    @property
+    def repartitioned_messages(self) -> int: ...
+    @property
+    def repartition_pieces(self) -> int: ...
+    @property
+    def duplicate_pieces(self) -> int: ...
+    @property
+    def kept_records(self) -> int: ...
+
+
+class AggregateView(Protocol):
+    @property
+    def counters(self) -> AggregateCounters: ...
     @property
     def partitions(self) -> Mapping[int, PartitionAggregator]: ...
     @property
     def samples(self) -> bool: ...
+    @property
+    def hands_off_kept(self) -> bool: ...
 
 
 class WrittenWindowView(Protocol):
@@ -124,7 +137,7 @@ class WrittenWindowView(Protocol):
     def errors(self) -> int: ...
 
 
-class Stage2View(Protocol):
+class FinalizeView(Protocol):
     @property
     def mergers(self) -> Mapping[int, object]: ...
     @property
@@ -181,10 +194,12 @@ _PARTITION_COUNTERS = ("spans", "late_spans", "overflow_spans", "windows_closed"
 _ASSEMBLER_COUNTERS = ("evicted_traces", "resolved_without_parent")
 # The sampler's outcomes as (decision, policy) labels of sampling_spans_total.
 _DROPPED_NOT_SAMPLED, _DROPPED_RATE_LIMITED = "dropped:not_sampled", "dropped:rate_limited"
+_DROPPED_BUDGET = "dropped:budget"
 _SAMPLER_COUNTERS = (
     *(f"kept:{reason}" for reason in KEEP_REASONS),
     _DROPPED_NOT_SAMPLED,
     _DROPPED_RATE_LIMITED,
+    _DROPPED_BUDGET,
     "decided_early",
     "decided_at_once",
 )
@@ -194,9 +209,11 @@ def _read_sampling(stats: SamplingStats, name: str) -> int:
     if name.startswith("kept:"):
         return stats.spans_kept[name[len("kept:") :]]
     if name == _DROPPED_NOT_SAMPLED:
-        return stats.spans_dropped - stats.spans_rate_limited
+        return stats.spans_dropped - stats.spans_rate_limited - stats.spans_over_budget
     if name == _DROPPED_RATE_LIMITED:
         return stats.spans_rate_limited
+    if name == _DROPPED_BUDGET:
+        return stats.spans_over_budget
     return int(getattr(stats, name))
 
 
@@ -208,8 +225,8 @@ class ConsumerPosition:
     position: int | None  # next offset this worker reads
 
 
-class StageCollector(Collector):
-    """Prometheus metrics read from the stages, the forwarder and the consumer at scrape time.
+class RoleCollector(Collector):
+    """Prometheus metrics read from the roles and the consumers at scrape time.
 
     The names, types and labels are listed in ``docs/operations.md``; ``METRIC_NAMES`` holds
     them, and a test keeps the two in step.
@@ -218,18 +235,18 @@ class StageCollector(Collector):
     def __init__(
         self,
         *,
-        stage1: Stage1View,
-        stage2: Stage2View,
-        forwarder: SpanForwarder | None,
+        aggregate: AggregateView | None,
+        finalize: FinalizeView | None,
+        forward: ForwardConsumer | None,
         writer: RollupWriter | None,
         positions: Callable[[], list[ConsumerPosition]],
         held: Callable[[str, int], int],
         readiness: Callable[[], tuple[ReadinessReport, Mapping[str, bool | None]]],
         info: Mapping[str, str],
     ) -> None:
-        self._stage1 = stage1
-        self._stage2 = stage2
-        self._forwarder = forwarder
+        self._aggregate = aggregate
+        self._finalize = finalize
+        self._forward = forward
         self._writer = writer
         self._positions = positions
         self._held = held
@@ -244,7 +261,9 @@ class StageCollector(Collector):
 
     def sweep(self) -> None:
         """Notice replaced aggregators (call often: counts of one never seen are lost)."""
-        aggregators = dict(self._stage1.partitions)
+        if self._aggregate is None:
+            return
+        aggregators = dict(self._aggregate.partitions)
         self._partition_totals.update({p: a.stats for p, a in aggregators.items()})
         self._assembler_totals.update({p: a.assembler.stats for p, a in aggregators.items()})
         self._sampler_totals.update(
@@ -253,18 +272,21 @@ class StageCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         self.sweep()
-        yield from self._stage1_metrics()
-        yield from self._buffer_metrics()
-        yield from self._phoenix_metrics()
-        yield from self._stage2_metrics()
+        if self._aggregate is not None:
+            yield from self._aggregate_metrics(self._aggregate)
+            yield from self._buffer_metrics(self._aggregate)
+        if self._forward is not None:
+            yield from self._phoenix_metrics(self._forward)
+        if self._finalize is not None:
+            yield from self._finalize_metrics(self._finalize)
         yield from self._consumer_metrics()
         yield from self._health_metrics()
 
-    def _stage1_metrics(self) -> Iterator[Metric]:
-        counters = self._stage1.counters
+    def _aggregate_metrics(self, aggregate: AggregateView) -> Iterator[Metric]:
+        counters = aggregate.counters
         yield _per_partition(
             "messages_consumed",
-            "Kafka messages of the spans topic read by stage 1.",
+            "Kafka messages of the spans topic read by aggregate.",
             counters.messages_by_partition,
         )
         yield _per_partition(
@@ -282,8 +304,8 @@ class StageCollector(Collector):
         )
         for reason, count in sorted(counters.dead_letters_by_reason.items()):
             dead.add_metric([reason], count)
-        if self._forwarder is not None:
-            batches = self._forwarder.stats.dead_lettered_batches
+        if self._forward is not None:
+            batches = self._forward.role.forwarder.stats.dead_lettered_batches
             dead.add_metric(["phoenix_rejected"], batches)
         yield dead
         totals = self._partition_totals.totals()
@@ -292,10 +314,33 @@ class StageCollector(Collector):
             ("late_spans", "late_spans", "Spans whose window had closed: counted as late."),
             ("overflow_spans", "overflow_spans", "Spans folded into __overflow__ series."),
             ("replayed_spans", "replayed_spans", "Replayed spans of windows already sent."),
-            ("windows_closed", "windows_closed", "Windows closed by stage 1 (partials sent)."),
+            ("windows_closed", "windows_closed", "Windows closed by aggregate (partials sent)."),
         ):
             yield _per_partition(name, doc, {p: t[field_name] for p, t in totals.items()})
-        yield _counter("partials_sent", "Partial records sent to stage 2.", counters.partials)
+        yield _counter("partials_sent", "Partial records sent to finalize.", counters.partials)
+        yield _counter(
+            "kept_spans_written",
+            "Kept spans written to the sampled topic (a replay writes some again).",
+            counters.kept_spans,
+        )
+        yield _counter(
+            "kept_records_written", "Records written to the sampled topic.", counters.kept_records
+        )
+        yield _counter(
+            "repartitioned_messages",
+            "Messages of the spans topic split per trace by the repartition.",
+            counters.repartitioned_messages,
+        )
+        yield _counter(
+            "repartition_pieces",
+            "Per-trace pieces the repartition wrote.",
+            counters.repartition_pieces,
+        )
+        yield _counter(
+            "repartition_duplicate_pieces",
+            "Pieces a replay of the repartition wrote again, dropped before aggregation.",
+            counters.duplicate_pieces,
+        )
         total_in = sum(counters.spans_by_partition.values())
         sampling = CounterMetricFamily(
             PREFIX + "sampling_spans",
@@ -304,9 +349,9 @@ class StageCollector(Collector):
             labels=["decision", "policy"],
         )
         sampled = self._sampler_totals.totals()
-        if self._forwarder is None:
+        if not aggregate.hands_off_kept:
             sampling.add_metric(["dropped", "phoenix_disabled"], total_in)
-        elif not self._stage1.samples:
+        elif not aggregate.samples:
             sampling.add_metric(["kept", "all"], total_in)
         else:
             for name in _SAMPLER_COUNTERS:
@@ -328,8 +373,8 @@ class StageCollector(Collector):
             {p: counts["decided_at_once"] for p, counts in sampled.items()},
         )
 
-    def _buffer_metrics(self) -> Iterator[Metric]:
-        aggregators = dict(self._stage1.partitions)
+    def _buffer_metrics(self, aggregate: AggregateView) -> Iterator[Metric]:
+        aggregators = dict(aggregate.partitions)
         traces = GaugeMetricFamily(
             PREFIX + "trace_buffer_traces", "Traces held in the trace buffer.", labels=["partition"]
         )
@@ -339,7 +384,7 @@ class StageCollector(Collector):
             labels=["partition"],
         )
         open_windows = GaugeMetricFamily(
-            PREFIX + "open_windows", "Windows open in stage 1.", labels=["partition"]
+            PREFIX + "open_windows", "Windows open in aggregate.", labels=["partition"]
         )
         watermark = GaugeMetricFamily(
             PREFIX + "watermark_timestamp_seconds",
@@ -366,16 +411,54 @@ class StageCollector(Collector):
             {p: t["resolved_without_parent"] for p, t in totals.items()},
         )
 
-    def _phoenix_metrics(self) -> Iterator[Metric]:
-        forwarder = self._forwarder
-        if forwarder is None:
-            return
+    def _phoenix_metrics(self, forward: ForwardConsumer) -> Iterator[Metric]:
+        forwarder = forward.role.forwarder
         stats = forwarder.stats
+        counters = forward.role.counters
+        yield _counter(
+            "forward_records", "Records of the sampled topic read by forward.", counters.records
+        )
+        yield _counter(
+            "forward_records_lost",
+            "Records of the sampled topic removed by retention before they were forwarded.",
+            counters.lost_records,
+        )
+        yield _counter(
+            "forward_records_skipped",
+            "Records read for a partition revoked meanwhile, or read twice: not forwarded.",
+            counters.skipped_records,
+        )
+        yield _counter(
+            "forward_bad_records",
+            "Records of the sampled topic that were not OTLP requests, ignored.",
+            counters.bad_records,
+        )
+        lag = GaugeMetricFamily(
+            PREFIX + "forward_lag_messages",
+            "Records of the sampled topic not yet in Phoenix (high watermark minus commit).",
+            labels=["partition"],
+        )
+        for position in forward.positions():
+            if position.highwater is not None:
+                behind = position.highwater - (position.position or 0)
+                lag.add_metric([str(position.partition)], max(0, behind))
+        yield lag
+        oldest = forward.role.oldest_pending_ms()
+        yield _gauge(
+            "forward_oldest_unforwarded_age_seconds",
+            "Age of the oldest kept span read but not yet written by Phoenix (0: none).",
+            0.0 if oldest is None else max(0.0, time.time() - oldest / 1000),
+        )
         yield _counter(
             "phoenix_spans_accepted", "Spans Phoenix accepted (forwarded).", stats.accepted_spans
         )
         yield _counter(
             "phoenix_batches_accepted", "Requests Phoenix accepted.", stats.accepted_batches
+        )
+        yield _counter(
+            "phoenix_batches_resent",
+            "Batches Phoenix accepted but had not written (it lost its queue): sent again.",
+            stats.resent_batches,
         )
         retries = CounterMetricFamily(
             PREFIX + "phoenix_retries",
@@ -409,20 +492,19 @@ class StageCollector(Collector):
             1 if stats.unauthorized else 0,
         )
 
-    def _stage2_metrics(self) -> Iterator[Metric]:
-        stage2 = self._stage2
+    def _finalize_metrics(self, finalize: FinalizeView) -> Iterator[Metric]:
         yield _counter(
             "windows_finalized",
-            "Final windows written to MLflow by stage 2.",
-            stage2.windows_written,
+            "Final windows written to MLflow by finalize.",
+            finalize.windows_written,
         )
         yield _counter(
-            "mlflow_write_retries", "Failed MLflow writes retried.", stage2.write_retries
+            "mlflow_write_retries", "Failed MLflow writes retried.", finalize.write_retries
         )
         yield _counter(
             "partials_bad_records",
             "Records of the partials topic that were not ours, ignored.",
-            stage2.bad_records,
+            finalize.bad_records,
         )
         if self._writer is not None:
             yield _counter(
@@ -438,11 +520,11 @@ class StageCollector(Collector):
         freshness = SummaryMetricFamily(
             PREFIX + "window_freshness_seconds",
             "Wall clock at write time minus window end, over every window written.",
-            count_value=stage2.windows_written,
-            sum_value=stage2.freshness_ms_sum / 1000,
+            count_value=finalize.windows_written,
+            sum_value=finalize.freshness_ms_sum / 1000,
         )
         yield freshness
-        recent = stage2.recent_windows
+        recent = finalize.recent_windows
         last = GaugeMetricFamily(
             PREFIX + "last_window_freshness_seconds",
             "Freshness of the window written last (write time minus window end).",
@@ -466,7 +548,7 @@ class StageCollector(Collector):
         held = GaugeMetricFamily(
             PREFIX + "uncommitted_messages",
             "Messages read whose offsets are not released for commit yet (open windows, "
-            "spans Phoenix has not accepted).",
+            "windows not in MLflow yet).",
             labels=["topic", "partition"],
         )
         assigned = GaugeMetricFamily(
@@ -526,6 +608,11 @@ METRIC_NAMES = tuple(
         "replayed_spans_total",
         "windows_closed_total",
         "partials_sent_total",
+        "kept_spans_written_total",
+        "kept_records_written_total",
+        "repartitioned_messages_total",
+        "repartition_pieces_total",
+        "repartition_duplicate_pieces_total",
         "sampling_spans_total",
         "sampling_decided_early_traces_total",
         "sampling_decided_at_once_traces_total",
@@ -535,8 +622,15 @@ METRIC_NAMES = tuple(
         "watermark_timestamp_seconds",
         "trace_buffer_evicted_traces_total",
         "orphan_spans_total",
+        "forward_records_total",
+        "forward_records_lost_total",
+        "forward_records_skipped_total",
+        "forward_bad_records_total",
+        "forward_lag_messages",
+        "forward_oldest_unforwarded_age_seconds",
         "phoenix_spans_accepted_total",
         "phoenix_batches_accepted_total",
+        "phoenix_batches_resent_total",
         "phoenix_retries_total",
         "phoenix_spans_dead_lettered_total",
         "phoenix_spans_dropped_on_revoke_total",
@@ -682,12 +776,12 @@ class ObservabilityService(mode.Service):
     def __init__(
         self,
         *,
-        app: faust.App,
+        app: faust.App | None,
         settings: WorkerSettings,
-        stage1: Stage1View,
-        stage2: Stage2View,
-        forwarder: SpanForwarder | None,
-        ledger: CommitLedger,
+        aggregate: AggregateView | None,
+        finalize: FinalizeView | None,
+        forward: ForwardConsumer | None,
+        ledger: CommitLedger | None,
         writer: RollupWriter | None = None,
         probes: Sequence[Probe] | None = None,
         **kwargs: Any,
@@ -696,30 +790,33 @@ class ObservabilityService(mode.Service):
         self.app = app
         self.settings = settings
         self.worker_id = worker_id_of(settings)
-        self._stage1 = stage1
-        self._stage2 = stage2
+        self._aggregate = aggregate
+        self._finalize = finalize
+        self._forward = forward
         self._ledger = ledger
         self._topics = tuple(
-            dict.fromkeys((settings.spans_topic, settings.stage1_topic, settings.partials_topic))
+            dict.fromkeys((settings.spans_topic, settings.aggregate_topic, settings.partials_topic))
         )
         if probes is None:
-            probes = [MlflowProbe(tracking_uri=settings.mlflow_tracking_uri)]
-            if settings.phoenix_enabled:
-                probes.insert(
-                    0,
+            # A role is ready when what it writes to answers: aggregate writes only to Kafka.
+            probes = []
+            if forward is not None:
+                probes.append(
                     PhoenixProbe(
                         traces_url=settings.phoenix_traces_url, api_key=settings.phoenix_api_key
-                    ),
+                    )
                 )
+            if finalize is not None:
+                probes.append(MlflowProbe(tracking_uri=settings.mlflow_tracking_uri))
         self.dependencies = DependencyProbes(list(probes))
         self.registry = WorkerRegistry(settings.registry_dir)
         self.metrics_registry = CollectorRegistry()
         ProcessCollector(registry=self.metrics_registry)
         PlatformCollector(registry=self.metrics_registry)
-        self.collector = StageCollector(
-            stage1=stage1,
-            stage2=stage2,
-            forwarder=forwarder,
+        self.collector = RoleCollector(
+            aggregate=aggregate,
+            finalize=finalize,
+            forward=forward,
             writer=writer,
             positions=self.positions,
             held=self._held,
@@ -727,6 +824,7 @@ class ObservabilityService(mode.Service):
             info={
                 "worker_id": self.worker_id,
                 "app_id": settings.app_id,
+                "roles": ",".join(settings.roles),
                 "version": _version(),
             },
         )
@@ -737,34 +835,47 @@ class ObservabilityService(mode.Service):
 
     # -- state -----------------------------------------------------------------------------
 
-    def _consumer(self) -> Any:
-        return self.app.consumer
-
-    def assignment(self) -> frozenset[tuple[str, int]]:
+    def _faust_assignment(self) -> frozenset[tuple[str, int]]:
+        if self.app is None:
+            return frozenset()
         try:
-            assigned = self._consumer().assignment()
+            assigned = self.app.consumer.assignment()
         except Exception:  # consumer not started yet, or stopping
             return frozenset()
         return frozenset((tp.topic, tp.partition) for tp in assigned if tp.topic in self._topics)
 
+    def _forward_assignment(self) -> frozenset[tuple[str, int]]:
+        if self._forward is None:
+            return frozenset()
+        topic = self.settings.sampled_topic
+        return frozenset((topic, partition) for partition in self._forward.role.assigned)
+
+    def assignment(self) -> frozenset[tuple[str, int]]:
+        return self._faust_assignment() | self._forward_assignment()
+
     def positions(self) -> list[ConsumerPosition]:
-        consumer = self._consumer()
         found: list[ConsumerPosition] = []
-        for topic, partition in sorted(self.assignment()):
-            tp = TP(topic, partition)
-            try:
-                highwater = consumer.highwater(tp)
-            except Exception:  # no fetch yet, or just revoked
-                highwater = None
-            # faust keeps the last offset handed to the streams and the last commit; its
-            # public API has neither.
-            read = getattr(consumer, "_read_offset", {}).get(tp)
-            committed = getattr(consumer, "_committed_offset", {}).get(tp)
-            position = read + 1 if read is not None else committed
-            found.append(ConsumerPosition(topic, partition, highwater, position))
+        if self.app is not None:
+            consumer = self.app.consumer
+            for topic, partition in sorted(self._faust_assignment()):
+                tp = TP(topic, partition)
+                try:
+                    highwater = consumer.highwater(tp)
+                except Exception:  # no fetch yet, or just revoked
+                    highwater = None
+                # faust keeps the last offset handed to the streams and the last commit; its
+                # public API has neither.
+                read = getattr(consumer, "_read_offset", {}).get(tp)
+                committed = getattr(consumer, "_committed_offset", {}).get(tp)
+                position = read + 1 if read is not None else committed
+                found.append(ConsumerPosition(topic, partition, highwater, position))
+        if self._forward is not None:
+            found.extend(self._forward.positions())
         return found
 
     def _held(self, topic: str, partition: int) -> int:
+        if self._ledger is None:
+            return 0
         return self._ledger.held_count(TP(topic, partition))
 
     def group_state(self) -> GroupState:
@@ -772,18 +883,29 @@ class ObservabilityService(mode.Service):
         settings = self.settings
         assigned = self.assignment()
         restored = restored_partitions(
-            spans_topic=settings.stage1_topic,
+            spans_topic=settings.aggregate_topic,
             partials_topic=settings.partials_topic,
-            stage1_partitions=list(self._stage1.partitions),
-            stage2_partitions=list(self._stage2.mergers),
+            aggregate_partitions=list(self._aggregate.partitions) if self._aggregate else [],
+            finalize_partitions=list(self._finalize.mergers) if self._finalize else [],
         )
         if settings.repartition_by_trace_id:
-            # Stage 0 keeps no state: its partitions are ready once assigned.
+            # The repartition keeps no state: its partitions are ready once assigned.
             restored |= {tp for tp in assigned if tp[0] == settings.spans_topic}
+        joined, rebalancing = True, False
+        if app is not None:
+            joined = app.rebalancing_count > 0
+            rebalancing = bool(app.rebalancing)
+        forward = self._forward
+        if forward is not None:
+            # The forward role's partitions need no state: ready once assigned.
+            restored |= self._forward_assignment()
+            joined = joined and forward.joined
+            rebalancing = rebalancing or forward.rebalancing
+        stopping = self.should_stop or (app is not None and bool(app.should_stop))
         return GroupState(
-            joined=app.rebalancing_count > 0,
-            rebalancing=bool(app.rebalancing),
-            stopping=bool(app.should_stop or self.should_stop),
+            joined=joined,
+            rebalancing=rebalancing,
+            stopping=stopping,
             assigned=assigned,
             restored=restored,
         )
@@ -797,28 +919,53 @@ class ObservabilityService(mode.Service):
             name: None if check is None else check.ok for name, check in results.items()
         }
 
+    @property
+    def live(self) -> bool:
+        crashed = self.app is not None and self.app.crashed
+        return not (crashed or (self._forward is not None and self._forward.crashed))
+
     def status(self) -> dict[str, Any]:
         report = self.readiness()
         assignment: dict[str, list[int]] = {}
         for topic, partition in sorted(self.assignment()):
             assignment.setdefault(topic, []).append(partition)
-        windows = list(self._stage2.recent_windows)[-RECENT_WINDOWS_SHOWN:]
+        finalize = self._finalize
+        windows = list(finalize.recent_windows)[-RECENT_WINDOWS_SHOWN:] if finalize else []
+        forward = self._forward
+        forwarding: dict[str, Any] | None = None
+        if forward is not None:
+            oldest = forward.role.oldest_pending_ms()
+            forwarding = {
+                "lag_messages": sum(
+                    max(0, p.highwater - (p.position or 0))
+                    for p in forward.positions()
+                    if p.highwater is not None
+                ),
+                "oldest_unforwarded_age_s": (
+                    None if oldest is None else max(0.0, time.time() - oldest / 1000)
+                ),
+                "spans_pending": forward.role.forwarder.pending_spans(),
+                "lost_records": forward.role.counters.lost_records,
+            }
         return {
             "worker_id": self.worker_id,
             "app_id": self.settings.app_id,
+            "roles": list(self.settings.roles),
             "pid": os.getpid(),
             "hostname": socket.gethostname(),
             "url": self.url,
             "started_at_s": self._started_at_s,
             "now_s": time.time(),
-            "live": not self.app.crashed,
+            "live": self.live,
             **report.as_dict(),
             "dependencies": self.dependencies.as_dict(),
             "topics": {
-                "spans": self.settings.stage1_topic,
+                "spans": self.settings.aggregate_topic,
                 "partials": self.settings.partials_topic,
+                "sampled": self.settings.sampled_topic,
             },
             "assignment": assignment,
+            "forwarding": forwarding,
             "recent_windows": [
                 {
                     "agent": w.agent,
@@ -840,7 +987,7 @@ class ObservabilityService(mode.Service):
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        live = not self.app.crashed
+        live = self.live
         return _json({"live": live, "worker_id": self.worker_id}, 200 if live else 503)
 
     async def _readyz(self, request: web.Request) -> web.Response:
@@ -934,9 +1081,9 @@ def install_observability(
     app: faust.App,
     settings: WorkerSettings,
     *,
-    stage1: Stage1View,
-    stage2: Stage2View,
-    forwarder: SpanForwarder | None,
+    aggregate: AggregateView | None,
+    finalize: FinalizeView | None,
+    forward: ForwardConsumer | None,
     ledger: CommitLedger,
     writer: RollupWriter | None = None,
 ) -> ObservabilityService:
@@ -948,9 +1095,9 @@ def install_observability(
     service = ObservabilityService(
         app=app,
         settings=settings,
-        stage1=stage1,
-        stage2=stage2,
-        forwarder=forwarder,
+        aggregate=aggregate,
+        finalize=finalize,
+        forward=forward,
         ledger=ledger,
         writer=writer,
     )

@@ -25,7 +25,7 @@ class TopicSpec:
 
 def topic_specs(settings: WorkerSettings) -> list[TopicSpec]:
     repartition = (
-        [TopicSpec(settings.stage1_topic, settings.spans_partitions, {})]
+        [TopicSpec(settings.aggregate_topic, settings.spans_partitions, {})]
         if settings.repartition_by_trace_id
         else []
     )
@@ -38,6 +38,12 @@ def topic_specs(settings: WorkerSettings) -> list[TopicSpec]:
             settings.partials_topic,
             settings.partials_partitions,
             {"cleanup.policy": "compact", "min.compaction.lag.ms": str(3600 * 1000)},
+        ),
+        # Kept spans wait here for Phoenix: retention is how long Phoenix may be away.
+        TopicSpec(
+            settings.sampled_topic,
+            settings.sampled_partitions,
+            {"retention.ms": str(settings.sampled_retention_ms)},
         ),
     ]
 

@@ -58,12 +58,13 @@ class WorkerProcess:
 
     env: dict[str, str]
     log_path: Path
+    args: Sequence[str] = ()  # after `worker` on the command line, e.g. ("--roles", "forward")
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     def start(self) -> WorkerProcess:
         log_file = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "processor.cli", "worker"],
+            [sys.executable, "-m", "processor.cli", "worker", *self.args],
             env=self.env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -109,6 +110,9 @@ def worker_env(
             "PROCESSOR_SPANS_TOPIC": f"{name}.spans",
             "PROCESSOR_DEAD_LETTER_TOPIC": f"{name}.dlq",
             "PROCESSOR_PARTIALS_TOPIC": f"{name}.partials",
+            # Else every test's forward role reads the one default sampled topic, and sends the
+            # kept spans of the others to its own Phoenix project.
+            "PROCESSOR_SAMPLED_TOPIC": f"{name}.sampled",
             "PROCESSOR_PHOENIX_PROJECT": name,
             "PROCESSOR_DATA_DIR": str(data_dir),
         }

@@ -13,7 +13,7 @@ What the Collector writes (exporter/kafkaexporter in opentelemetry-collector-con
 
 The messages are built here the same way and published to the real broker; a real worker reads
 them, and MLflow must hold exactly the loadgen's independent truth. Unkeyed batches that split
-a trace over partitions are read with ``PROCESSOR_REPARTITION_BY_TRACE_ID``: stage 0 rekeys
+a trace over partitions are read with ``PROCESSOR_REPARTITION_BY_TRACE_ID``: the repartition rekeys
 every trace through the repartition topic before trace assembly.
 """
 
@@ -177,9 +177,9 @@ def runs(
                 asyncio.run(_publish(stack.kafka_bootstrap, topic, records + closers))
                 started[key] = Run(name, truth, WorkerProcess(env, work_dir / "worker.log").start())
                 continue
-            # Stage 0 interleaves the source partitions as it rekeys them: closers published
+            # The repartition interleaves the source partitions as it rekeys them: closers published
             # with the traffic could reach a repartition partition before some of its traffic
-            # and make that traffic late. So they follow once stage 1 has handled the traffic.
+            # and make that traffic late. So they follow once aggregate has handled the traffic.
             asyncio.run(_publish(stack.kafka_bootstrap, topic, records))
             worker = WorkerProcess(env, work_dir / "worker.log").start()
             started[key] = Run(name=name, truth=truth, worker=worker)
@@ -198,7 +198,7 @@ def runs(
 def _lateness_ms(truth: Truth, repartitioned: bool) -> int:
     """A trace's duration, plus, when repartitioning, the traffic's whole event-time span.
 
-    Stage 0 may rekey one source partition's backlog before another's: a repartition
+    The repartition may rekey one source partition's backlog before another's: a repartition
     partition then sees event time run ahead by up to the span of the traffic, and the
     allowed lateness has to cover that skew (as the README says)."""
     lateness = int(truth.max_trace_duration_ms) + 1_000
@@ -345,13 +345,13 @@ def _assert_rollups_equal_truth(stack: StackEndpoints, run: Run) -> None:
 
 
 def _wait_for_handled(worker: WorkerProcess, count: int) -> None:
-    """Until stage 1 has handled ``count`` messages, by the worker's progress line."""
+    """Until aggregate has handled ``count`` messages, by the worker's progress line."""
 
     def handled() -> int | None:
         found = re.findall(r"progress messages=(\d+)", worker.log())
         return 1 if found and int(found[-1]) >= count else None
 
-    poll_until(handled, timeout_s=120, what=f"{count} messages handled by stage 1")
+    poll_until(handled, timeout_s=120, what=f"{count} messages handled by aggregate")
 
 
 async def _publish(bootstrap: str, topic: str, records: list[Record]) -> None:

@@ -2,7 +2,7 @@
 
 faust drops the records it fetched while its flow was stopped (a rebalance in progress) and
 rewinds to the committed offsets to read them again. A partition with no commit yet must go
-back to its beginning; left where it was, the dropped records were never read, and a stage-2
+back to its beginning; left where it was, the dropped records were never read, and a finalize
 partition resumed mid-topic with windows short of spans.
 
 While a partition is being sent back, it has no position, and faust's periodic livelock check

@@ -190,10 +190,10 @@ def test_replayed_windows_leave_every_metric_history_unchanged(
         ],
     )
 
-    first.write(rollups)  # the same worker, stage 2 replaying what it had written
+    first.write(rollups)  # the same worker, finalize replaying what it had written
     writer().write(rollups)  # a restarted worker replaying everything
     writer().write(list(reversed(rollups)))  # in another order
-    # Stage 2 finalising a written window again with other numbers: one point per window
+    # Finalize finalising a written window again with other numbers: one point per window
     # stays, with the first values (a second point at the same timestamp would be ambiguous).
     again = rollups[0]
     writer().write(

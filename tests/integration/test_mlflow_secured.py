@@ -26,7 +26,7 @@ from processor.errors import RetryableExportError
 from processor.settings import StackSettings
 from processor.sinks.mlflow_writer import RollupWriter
 from processor.stack import LocalStack
-from processor.worker.stage2 import Stage2
+from processor.worker.finalize import FinalizeRole
 from tests.integration.support import mlflow_client_environment
 
 pytestmark = pytest.mark.integration
@@ -183,7 +183,7 @@ def test_every_window_arrives_exactly_once_across_an_mlflow_outage(
     writer = RollupWriter(
         tracking_uri=url, experiment_name="outage", params={"window_size_ms": str(window_ms)}
     )
-    stage2 = Stage2(
+    finalize = FinalizeRole(
         source_partitions=1,
         max_wait_ms=600_000,
         writer=writer,
@@ -191,12 +191,12 @@ def test_every_window_arrives_exactly_once_across_an_mlflow_outage(
         retry_base_s=0.25,
         retry_max_s=2.0,
     )
-    stage2.assign(0, None)  # as on a partition assignment with nothing committed yet
+    finalize.assign(0, None)  # as on a partition assignment with nothing committed yet
     sent: list[PartialRollup] = []
     outage: dict[str, int] = {}
 
     async def stream(stop: asyncio.Event) -> None:
-        # Stage 1's output for one source partition: a window of partials, then its close.
+        # Aggregate's output for one source partition: a window of partials, then its close.
         offset = 0
         while not stop.is_set():
             start = MAY_2_NOON + len(sent) // len(agents) * window_ms
@@ -205,15 +205,15 @@ def test_every_window_arrives_exactly_once_across_an_mlflow_outage(
                     SeriesKey(agent), start, window_ms, 0, _aggregate(len(sent))
                 )
                 sent.append(partial)
-                stage2.handle(0, offset, partial.to_bytes())
+                finalize.handle(0, offset, partial.to_bytes())
                 offset += 1
-            stage2.handle(0, offset, PartitionProgress(0, start + window_ms).to_bytes())
+            finalize.handle(0, offset, PartitionProgress(0, start + window_ms).to_bytes())
             offset += 1
             await asyncio.sleep(1.5)
 
-    async def timer() -> None:  # the worker's stage-2 timer: one tick at a time
+    async def timer() -> None:  # the worker's finalize timer: one tick at a time
         while True:
-            await stage2.tick()
+            await finalize.tick()
             await asyncio.sleep(0.5)
 
     async def scenario() -> None:
@@ -221,17 +221,17 @@ def test_every_window_arrives_exactly_once_across_an_mlflow_outage(
         feeding = asyncio.create_task(stream(stop))
         ticking = asyncio.create_task(timer())
         try:
-            await _until(lambda: stage2.windows_written >= 2 * len(agents), 120, "first windows")
+            await _until(lambda: finalize.windows_written >= 2 * len(agents), 120, "first windows")
             await asyncio.to_thread(local.stop, "mlflow")
-            outage["written_before"] = stage2.windows_written
+            outage["written_before"] = finalize.windows_written
             await asyncio.sleep(30)
-            outage["written_during"] = stage2.windows_written - outage["written_before"]
-            outage["retries_during"] = stage2.write_retries
+            outage["written_during"] = finalize.windows_written - outage["written_before"]
+            outage["retries_during"] = finalize.write_retries
             await asyncio.to_thread(local.start, "mlflow")
             await asyncio.sleep(3)  # the stream goes on a little after MLflow is back
             stop.set()
             await feeding
-            await _until(lambda: stage2.windows_written == len(sent), 120, "every window")
+            await _until(lambda: finalize.windows_written == len(sent), 120, "every window")
         finally:
             stop.set()
             feeding.cancel()

@@ -281,7 +281,12 @@ def test_readiness_follows_a_restart_and_an_mlflow_outage(
             what="the first worker to be ready",
         )
         status = httpx.get(f"{base}/status", timeout=5).json()
-        assert status["assignment"] == {spans_topic: [0, 1], partials_topic: [0, 1]}
+        # One worker runs every role: the sampled topic's partitions are its forward role's.
+        assert status["assignment"] == {
+            spans_topic: [0, 1],
+            partials_topic: [0, 1],
+            env["PROCESSOR_SAMPLED_TOPIC"]: [0, 1, 2, 3],
+        }
     finally:
         first.stop()
     assert registry.workers() == []
@@ -311,7 +316,12 @@ def test_readiness_follows_a_restart_and_an_mlflow_outage(
         assert all(code == 503 for code, _ in seen), seen
         assert httpx.get(f"{base}/healthz", timeout=5).status_code == 200
         status = httpx.get(f"{base}/status", timeout=5).json()
-        assert status["assignment"] == {spans_topic: [0, 1], partials_topic: [0, 1]}
+        # One worker runs every role: the sampled topic's partitions are its forward role's.
+        assert status["assignment"] == {
+            spans_topic: [0, 1],
+            partials_topic: [0, 1],
+            env["PROCESSOR_SAMPLED_TOPIC"]: [0, 1, 2, 3],
+        }
         time.sleep(3)  # several probe rounds: still not ready
         code, problems = _readyz(base) or (0, [])
         assert code == 503 and _only_mlflow_down(problems), problems

@@ -38,7 +38,7 @@ from processor.loadgen import Scenario, TraceGenerator
 from processor.settings import StackSettings
 from processor.sinks.phoenix import ExportResult, PhoenixExporter, RetryPolicy
 from processor.stack import LocalStack
-from processor.worker.forwarding import ForwardedBatch, SpanForwarder, SpanItem
+from processor.worker.phoenix_delivery import ForwardedBatch, SpanForwarder, SpanItem
 from tests.integration.support import poll_until
 
 pytestmark = pytest.mark.integration
@@ -158,7 +158,7 @@ def _system_api_key(url: str) -> str:
 
 
 def _messages(count: int, *, project: str | None = None) -> list[list[SpanItem]]:
-    """``count`` Kafka messages of one loadgen trace each, decoded as stage 1 decodes them."""
+    """``count`` Kafka messages of one loadgen trace each, decoded as aggregate decodes them."""
     generator = TraceGenerator(
         Scenario(agents=5, trace_size=20, seed=next(_seeds)),
         start_ms=time.time_ns() // 1_000_000 - 600_000,
@@ -215,7 +215,7 @@ def _forwarder(
 async def _feed(
     forwarder: SpanForwarder, messages: Sequence[Sequence[SpanItem]], partitions: int = 2
 ) -> None:
-    """What stage 1 does: each message, in offset order per partition."""
+    """What the forward role does: each message, in offset order per partition."""
     for index, spans in enumerate(messages):
         await forwarder.add(spans, partition=index % partitions, offset=index // partitions)
 

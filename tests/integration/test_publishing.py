@@ -64,7 +64,7 @@ def test_langgraph_example_spans_are_attributed_to_their_agents(
         PROCESSOR_ALLOWED_LATENESS_MS=str(LATENESS_MS),
         # Windows close on the closers' data. An idle advance could close a partition's
         # windows before the worker has handled its messages: it judges a partition caught up
-        # by what faust fetched, not by what stage 1 handled.
+        # by what faust fetched, not by what aggregate handled.
         PROCESSOR_IDLE_TIMEOUT_MS="60000",
         PROCESSOR_SAMPLING_PROBABILITY="1.0",  # every span to Phoenix: checked one by one
     )

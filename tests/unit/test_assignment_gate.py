@@ -58,7 +58,7 @@ def test_an_open_partition_does_not_wait_and_a_rebalance_releases_waiters() -> N
 def _resume_lines(
     caplog: pytest.LogCaptureFixture, handled: list[tuple[int, int]], *, compacted: bool = False
 ) -> list[tuple[str, str]]:
-    watch = ResumeWatch(logging.getLogger("resume-test"), stage=1, compacted=compacted)
+    watch = ResumeWatch(logging.getLogger("resume-test"), role="aggregate", compacted=compacted)
     watch.expect(0, None)
     watch.expect(1, 40)
     with caplog.at_level(logging.INFO, logger="resume-test"):
@@ -73,8 +73,8 @@ def test_a_partition_resumed_at_its_commit_or_its_start_is_an_info_line_once(
     lines = _resume_lines(caplog, [(0, 0), (1, 40), (0, 1), (1, 41), (1, 42)])
 
     assert lines == [
-        ("INFO", "stage 1 resumed partition 0 at offset 0 (committed: None)"),
-        ("INFO", "stage 1 resumed partition 1 at offset 40 (committed: 40)"),
+        ("INFO", "aggregate resumed partition 0 at offset 0 (committed: None)"),
+        ("INFO", "aggregate resumed partition 1 at offset 40 (committed: 40)"),
     ]
 
 
@@ -99,14 +99,14 @@ def test_on_a_compacted_topic_a_later_first_record_is_only_informational(
 def test_a_new_assignment_is_watched_again_and_a_revocation_forgets_the_last(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    watch = ResumeWatch(logging.getLogger("resume-test"), stage=2)
+    watch = ResumeWatch(logging.getLogger("resume-test"), role="finalize")
     with caplog.at_level(logging.INFO, logger="resume-test"):
         watch.expect(3, 10)
-        watch.clear()
+        watch.forget(3)
         watch.handled(3, 99)  # revoked before its first record: nothing to say
         watch.expect(3, 10)
         watch.handled(3, 10)
 
     assert [r.getMessage() for r in caplog.records] == [
-        "stage 2 resumed partition 3 at offset 10 (committed: 10)"
+        "finalize resumed partition 3 at offset 10 (committed: 10)"
     ]

@@ -48,7 +48,9 @@ COMPOSE_CLI_INSTALL = (
 PYTHON_DEPS_INSTALL = "pip install pyyaml jsonschema (or: pip install -e '.[test]')"
 
 # The services the worker cannot work without (DESIGN.md, "Real services").
-WORKER_NEEDS = {"kafka", "phoenix", "mlflow"}
+# What each processor service writes to: it must not start before those are healthy. The
+# workers do not wait for Phoenix: only the forwarder talks to it.
+NEEDS = {"worker": {"kafka", "mlflow"}, "forwarder": {"kafka", "phoenix"}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,31 +296,41 @@ def test_settings_expose_the_names_the_compose_files_rely_on() -> None:
         assert name in names, f"WorkerSettings no longer reads {name}"
 
 
+@pytest.mark.parametrize("service", ["worker", "forwarder"])
 @pytest.mark.parametrize("which", ["docker-compose.yml", "docker-compose.dev.yml", "merged"])
 def test_worker_environment_names_are_read_by_the_worker(
-    which: str, base: dict[str, Any], dev: dict[str, Any], merged: dict[str, Any]
+    which: str, service: str, base: dict[str, Any], dev: dict[str, Any], merged: dict[str, Any]
 ) -> None:
     config = {"docker-compose.yml": base, "docker-compose.dev.yml": dev, "merged": merged}[which]
-    worker = services(config).get("worker")
-    assert worker is not None, f"{which} has no worker service"
+    worker = services(config).get(service)
+    assert worker is not None, f"{which} has no {service} service"
     accepted = worker_env_names()
     unknown = sorted(name for name in environment(worker) if name.upper() not in accepted)
     assert not unknown, (
-        f"{which}: the worker's environment sets {unknown}, which processor.settings."
+        f"{which}: the {service}'s environment sets {unknown}, which processor.settings."
         f"WorkerSettings does not read; it reads {sorted(accepted)}"
     )
 
 
-def test_worker_environment_is_wired_to_the_other_services(merged: dict[str, Any]) -> None:
-    env = {
+def _env_of(merged: dict[str, Any], service: str) -> dict[str, str]:
+    return {
         name: interpolate(value or "")
-        for name, value in environment(merged["services"]["worker"]).items()
+        for name, value in environment(merged["services"][service]).items()
     }
-    assert env["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
-    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
-    assert env["PHOENIX_COLLECTOR_ENDPOINT"] == "http://phoenix:6006"
-    assert env["MLFLOW_EXPERIMENT_NAME"]
-    assert "PHOENIX_API_KEY" in env
+
+
+def test_worker_environment_is_wired_to_the_other_services(merged: dict[str, Any]) -> None:
+    worker, forwarder = _env_of(merged, "worker"), _env_of(merged, "forwarder")
+    # The workers aggregate and finalize (MLflow); the forwarder alone talks to Phoenix.
+    assert worker["KAFKA_BOOTSTRAP_SERVERS"] == forwarder["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
+    assert worker["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert worker["MLFLOW_EXPERIMENT_NAME"]
+    assert json.loads(worker["PROCESSOR_ROLES"]) == ["aggregate", "finalize"]
+    assert json.loads(forwarder["PROCESSOR_ROLES"]) == ["forward"]
+    assert forwarder["PHOENIX_COLLECTOR_ENDPOINT"] == "http://phoenix:6006"
+    assert "PHOENIX_API_KEY" in forwarder
+    # The links from MLflow to the traces need Phoenix's address on the workers too.
+    assert worker["PHOENIX_COLLECTOR_ENDPOINT"] == "http://phoenix:6006"
 
 
 @pytest.mark.parametrize("which", ["docker-compose.yml", "merged"])
@@ -373,14 +385,15 @@ def _healthcheck_enabled(service: dict[str, Any]) -> bool:
     return not (isinstance(test, list) and test[:1] == ["NONE"])
 
 
-def test_worker_waits_for_healthy_services(merged: dict[str, Any]) -> None:
+@pytest.mark.parametrize("service", sorted(NEEDS))
+def test_worker_waits_for_healthy_services(merged: dict[str, Any], service: str) -> None:
     all_services = services(merged)
-    deps = depends_on(all_services["worker"])
-    missing = WORKER_NEEDS - set(deps)
-    assert not missing, f"the worker does not wait for {sorted(missing)}"
+    deps = depends_on(all_services[service])
+    missing = NEEDS[service] - set(deps)
+    assert not missing, f"the {service} does not wait for {sorted(missing)}"
     for name, spec in deps.items():
         assert spec.get("condition") == "service_healthy", (
-            f"the worker starts before {name} is healthy (condition: {spec.get('condition')})"
+            f"the {service} starts before {name} is healthy (condition: {spec.get('condition')})"
         )
         assert _healthcheck_enabled(all_services[name]), f"{name} has no healthcheck"
 

@@ -182,7 +182,7 @@ def test_nothing_listening_is_retryable_and_fails_fast(monkeypatch: pytest.Monke
     started = time.monotonic()
     with pytest.raises(RetryableExportError, match="MLflow write failed"):
         writer.write(_rollups())
-    # MLflow's own defaults would retry for about four minutes before giving up; stage 2
+    # MLflow's own defaults would retry for about four minutes before giving up; finalize
     # must get the failure back and apply its own backoff instead.
     assert time.monotonic() - started < 60
 

@@ -1,9 +1,10 @@
 """The worker's self-metrics, readiness rules, registry and HTTP endpoints, without Kafka.
 
-Stage 1, stage 2 and the Phoenix forwarder are the real classes, fed real OTLP bytes; only
-Kafka (the faust app and its consumer), MLflow (an in-memory writer) and Phoenix (an
-``httpx.MockTransport``) are stand-ins. tests/integration/test_operations.py runs the same
-endpoints in a real worker process.
+The aggregate, finalize and forward roles and the Phoenix forwarder are the real classes, fed
+real OTLP bytes; the kept-span records aggregate writes are handed to the forward role as the
+sampled topic would. Only Kafka (the faust app and the forward role's consumer), MLflow (an
+in-memory writer) and Phoenix (an ``httpx.MockTransport``) are stand-ins.
+tests/integration/test_operations.py runs the same endpoints in a real worker process.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +33,10 @@ from processor.core.sampling import SamplingPolicy
 from processor.core.semconv import ExtractionConfig
 from processor.settings import WorkerSettings
 from processor.sinks.phoenix import PhoenixExporter, RetryPolicy
+from processor.worker.aggregate import AggregateRole, DeadLetter
 from processor.worker.commits import CommitLedger
-from processor.worker.forwarding import SpanForwarder
+from processor.worker.finalize import FinalizeRole
+from processor.worker.forward import ForwardRole
 from processor.worker.health import DependencyCheck, GroupState, evaluate_readiness
 from processor.worker.observability import (
     METRIC_NAMES,
@@ -40,13 +44,13 @@ from processor.worker.observability import (
     ConsumerPosition,
     ObservabilityService,
     RegisteredWorker,
-    StageCollector,
+    RoleCollector,
     WorkerRegistry,
     bind_listener,
     url_of,
 )
-from processor.worker.stage1 import DeadLetter, Stage1
-from processor.worker.stage2 import Stage2
+from processor.worker.offsets import Commit
+from processor.worker.phoenix_delivery import SpanForwarder
 from tests.unit.core.spanbuilder import T0_MS, payload_of, span_pb
 
 WINDOW_MS = 60_000
@@ -76,41 +80,53 @@ class MemoryWriter:
 
 @dataclass
 class Pipeline:
-    """Stage 1 feeding stage 2 directly, as the partials topic would."""
+    """Aggregate feeding finalize directly, as the partials topic would; the records aggregate
+    writes to the sampled topic are kept in ``kept``, in order."""
 
     clock: Clock
-    stage1: Stage1
-    stage2: Stage2
+    aggregate: AggregateRole
+    finalize: FinalizeRole
     writer: MemoryWriter
     letters: list[DeadLetter]
+    kept: list[tuple[bytes, bytes]] = field(default_factory=list)
     offsets: dict[int, int] = field(default_factory=dict)
 
     async def feed(self, partition: int, value: bytes) -> None:
         offset = self.offsets.get(partition, 0)
         self.offsets[partition] = offset + 1
-        await self.stage1.handle(partition, offset, None, value, {})
+        await self.aggregate.handle(partition, offset, None, value, {})
+
+    async def forward_kept(self, role: ForwardRole, *, timestamp_ms: int = T0_MS) -> None:
+        """Hand every kept-span record written so far to ``role``, as sampled partition 0."""
+        for offset, (_, value) in enumerate(self.kept):
+            await role.handle(0, offset, timestamp_ms, value)
 
 
 def pipeline(
     *,
-    forwarder: SpanForwarder | None = None,
+    forwarding: bool = False,
     max_traces: int = 2,
     assigned: bool = True,
     sampling: SamplingPolicy | None = None,
 ) -> Pipeline:
+    """``forwarding``: kept spans are written to the sampled topic (Phoenix is enabled)."""
     clock = Clock(T0_MS)
     letters: list[DeadLetter] = []
+    kept: list[tuple[bytes, bytes]] = []
     writer = MemoryWriter()
-    stage2 = Stage2(source_partitions=1, max_wait_ms=1_000, writer=writer, clock=clock)  # type: ignore[arg-type]
+    finalize = FinalizeRole(source_partitions=1, max_wait_ms=1_000, writer=writer, clock=clock)  # type: ignore[arg-type]
     partials_offset = iter(range(1_000_000))
 
     async def send_partial(key: bytes, value: bytes, partition: int | None) -> None:
-        stage2.handle(partition or 0, next(partials_offset), value)
+        finalize.handle(partition or 0, next(partials_offset), value)
+
+    async def send_kept(key: bytes, value: bytes, partition: int | None) -> None:
+        kept.append((key, value))
 
     async def send_dead_letter(letter: DeadLetter) -> None:
         letters.append(letter)
 
-    stage1 = Stage1(
+    aggregate = AggregateRole(
         window_size_ms=WINDOW_MS,
         allowed_lateness_ms=1_000,
         idle_timeout_ms=1_000,
@@ -118,17 +134,37 @@ def pipeline(
         max_series_per_window=100,
         partials_partitions=1,
         extraction=ExtractionConfig(),
-        forwarder=forwarder,
         sampling=sampling,
         send_partial=send_partial,
+        send_kept=send_kept if forwarding else None,
         send_dead_letter=send_dead_letter,
         clock=clock,
     )
     if assigned:  # as the worker does when Kafka assigns the partitions
         for partition in (0, 1):
-            stage1.assign(partition, None)
-        stage2.assign(0, None)
-    return Pipeline(clock, stage1, stage2, writer, letters)
+            aggregate.assign(partition, None)
+        finalize.assign(0, None)
+    return Pipeline(clock, aggregate, finalize, writer, letters, kept)
+
+
+@dataclass
+class ForwardStandIn:
+    """What the worker reads of a ``ForwardConsumer``, without Kafka: the real role, and the
+    positions its consumer would report (high watermark and commit per partition)."""
+
+    role: ForwardRole
+    topic: str = "t.sampled"
+    highwater: dict[int, int] = field(default_factory=dict)
+    committed: dict[int, int] = field(default_factory=dict)
+    joined: bool = True
+    rebalancing: bool = False
+    crashed: bool = False
+
+    def positions(self) -> list[ConsumerPosition]:
+        return [
+            ConsumerPosition(self.topic, p, self.highwater.get(p), self.committed.get(p))
+            for p in sorted(self.role.assigned)
+        ]
 
 
 def trace_payload(trace: int, spans: int = 1, *, start_ms: int = T0_MS + 1_000) -> bytes:
@@ -141,11 +177,11 @@ def trace_payload(trace: int, spans: int = 1, *, start_ms: int = T0_MS + 1_000) 
     return payload_of(pbs, {"service.name": "agents"})
 
 
-def collector_for(p: Pipeline, **overrides: Any) -> StageCollector:
+def collector_for(p: Pipeline, **overrides: Any) -> RoleCollector:
     arguments: dict[str, Any] = {
-        "stage1": p.stage1,
-        "stage2": p.stage2,
-        "forwarder": None,
+        "aggregate": p.aggregate,
+        "finalize": p.finalize,
+        "forward": None,
         "writer": p.writer,
         "positions": list,
         "held": lambda topic, partition: 0,
@@ -153,14 +189,14 @@ def collector_for(p: Pipeline, **overrides: Any) -> StageCollector:
         "info": {"worker_id": "w1", "app_id": "app", "version": "test"},
     }
     arguments.update(overrides)
-    return StageCollector(**arguments)
+    return RoleCollector(**arguments)
 
 
 def _ready_group() -> GroupState:
     return GroupState(True, False, False, frozenset(), frozenset())
 
 
-def scrape(collector: StageCollector) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def scrape(collector: RoleCollector) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     registry = CollectorRegistry()
     registry.register(collector)
     text = generate_latest(registry).decode()
@@ -178,7 +214,7 @@ def value(samples: dict, name: str, **labels: str) -> float:
 # -- the collector -------------------------------------------------------------------------
 
 
-def test_stage1_counters_per_partition_and_dead_letters_by_reason() -> None:
+def test_aggregate_counters_per_partition_and_dead_letters_by_reason() -> None:
     async def scenario() -> None:
         p = pipeline(max_traces=2)
         await p.feed(0, trace_payload(1, spans=3))
@@ -213,8 +249,8 @@ def test_counters_survive_a_rebalance_and_never_go_down() -> None:
         assert value(first, "spans_aggregated_total", partition="0") == 3
         # Counted after the scrape, by an aggregator about to be replaced: must not be lost.
         await p.feed(0, trace_payload(3, spans=2))
-        p.stage1.revoke_all()  # a rebalance: partition 1 goes elsewhere, 0 comes back
-        p.stage1.assign(0, None)
+        p.aggregate.revoke_all()  # a rebalance: partition 1 goes elsewhere, 0 comes back
+        p.aggregate.assign(0, None)
         await p.feed(0, trace_payload(4, spans=1))
         await p.feed(1, trace_payload(5, spans=1))  # read just before the revocation
         second = scrape(collector)
@@ -238,8 +274,8 @@ def test_closed_windows_reach_the_writer_and_freshness_is_measured() -> None:
         await p.feed(0, trace_payload(1, spans=2))
         # Past the window end, lateness and idle timeout: the window closes.
         p.clock.now_ms = T0_MS + WINDOW_MS + 30_000
-        await p.stage1.tick(lambda partition: True)
-        await p.stage2.tick()
+        await p.aggregate.tick(lambda partition: True)
+        await p.finalize.tick()
         samples = scrape(collector_for(p))
         assert len(p.writer.written) == 1
         assert value(samples, "windows_closed_total", partition="0") == 1
@@ -253,13 +289,13 @@ def test_closed_windows_reach_the_writer_and_freshness_is_measured() -> None:
         assert value(samples, "last_window_freshness_seconds") == pytest.approx(freshness_s)
         assert value(samples, "last_window_end_timestamp_seconds") == window_end_ms / 1000
         assert value(samples, "watermark_timestamp_seconds", partition="0") > T0_MS / 1000
-        [written] = p.stage2.recent_windows
+        [written] = p.finalize.recent_windows
         assert (written.agent, written.spans, written.errors) == ("planner", 2, 0)
 
     asyncio.run(scenario())
 
 
-def test_phoenix_acceptance_and_retries_by_status() -> None:
+def test_kept_spans_go_out_as_records_and_phoenix_is_measured_at_forward() -> None:
     answers = iter([503, 200])
 
     def phoenix(request: httpx.Request) -> httpx.Response:
@@ -279,21 +315,48 @@ def test_phoenix_acceptance_and_retries_by_status() -> None:
             batch_spans=3,
             retry=RetryPolicy(initial_s=0.001, max_s=0.002),
         )
-        p = pipeline(forwarder=forwarder)
-        await p.feed(0, trace_payload(1, spans=3))  # a full batch: sent at once
+        p = pipeline(forwarding=True)
+        await p.feed(0, trace_payload(1, spans=3))
+        assert len(p.kept) == 1, "one trace's kept spans: one record of the sampled topic"
+        forward = ForwardStandIn(ForwardRole(forwarder), highwater={0: 1}, committed={0: 0})
+        forward.role.assign(0, None, 0)
+        await p.forward_kept(forward.role)  # a full batch: sent at once
         await forwarder.drain(5.0)
-        samples = scrape(collector_for(p, forwarder=forwarder))
+        assert forward.role.tick() == {0: Commit(1)}, "Phoenix took the record's spans"
+        samples = scrape(collector_for(p, forward=forward))
+        assert value(samples, "kept_spans_written_total") == 3
+        assert value(samples, "kept_records_written_total") == 1
+        assert value(samples, "forward_records_total") == 1
+        assert value(samples, "forward_records_lost_total") == 0
+        assert value(samples, "forward_bad_records_total") == 0
         assert value(samples, "phoenix_spans_accepted_total") == 3
         assert value(samples, "phoenix_batches_accepted_total") == 1
         assert value(samples, "phoenix_retries_total", status="503") == 1
         assert value(samples, "phoenix_spans_pending") == 0
         assert value(samples, "phoenix_unauthorized") == 0
+        assert value(samples, "forward_oldest_unforwarded_age_seconds") == 0
         assert value(samples, "sampling_spans_total", decision="kept", policy="all") == 3
+        assert value(samples, "dead_letters_total", reason="phoenix_rejected") == 0
 
     asyncio.run(scenario())
 
 
-def accepting_forwarder() -> SpanForwarder:
+def test_aggregate_does_not_wait_for_phoenix() -> None:
+    async def scenario() -> None:
+        # No forward role at all: Phoenix is not on the path of the numbers.
+        p = pipeline(forwarding=True)
+        await p.feed(0, trace_payload(1, spans=2))
+        p.clock.now_ms = T0_MS + WINDOW_MS + 30_000
+        commits = await p.aggregate.tick(lambda partition: True)
+        await p.finalize.tick()
+        assert commits[0].offset == 1, "the commit waited for something besides Kafka"
+        assert len(p.writer.written) == 1
+        assert len(p.kept) == 1
+
+    asyncio.run(scenario())
+
+
+def accepting_forwarder(**options: Any) -> SpanForwarder:
     """A forwarder whose Phoenix stand-in accepts every batch (no batch is expected to fail)."""
 
     async def refused(batch: Any, result: Any) -> None:
@@ -303,42 +366,78 @@ def accepting_forwarder() -> SpanForwarder:
         traces_url="http://phoenix.test/v1/traces",
         transport=httpx.MockTransport(lambda request: httpx.Response(200)),
     )
-    return SpanForwarder(exporter, default_project="default", on_failure=refused)
+    return SpanForwarder(exporter, default_project="default", on_failure=refused, **options)
+
+
+def test_forward_lag_lost_and_bad_records_and_the_oldest_unforwarded_span() -> None:
+    async def scenario() -> None:
+        p = pipeline(forwarding=True, max_traces=100)
+        for trace in (1, 2):
+            await p.feed(0, trace_payload(trace, spans=2))
+        # Nothing is sent before a batch of 100 is full: the spans wait in the forwarder.
+        forward = ForwardStandIn(
+            ForwardRole(accepting_forwarder(batch_spans=100)),
+            highwater={0: 9, 1: 4},
+            committed={0: 2, 1: 4},
+        )
+        role = forward.role
+        role.assign(0, 2, 0)
+        role.assign(1, 4, 0)
+        minute_ago_ms = int(time.time() * 1000) - 60_000
+        await role.handle(0, 2, minute_ago_ms, p.kept[0][1])
+        await role.handle(0, 3, minute_ago_ms + 1_000, b"\x0a\xff")  # not a request
+        await role.handle(0, 6, minute_ago_ms + 2_000, p.kept[1][1])  # 4 and 5 are gone
+        samples = scrape(collector_for(p, forward=forward))
+        assert value(samples, "forward_lag_messages", partition="0") == 7
+        assert value(samples, "forward_lag_messages", partition="1") == 0
+        assert value(samples, "forward_records_total") == 3
+        assert value(samples, "forward_bad_records_total") == 1
+        assert value(samples, "forward_records_lost_total") == 2
+        assert value(samples, "phoenix_spans_pending") == 4
+        assert value(samples, "forward_oldest_unforwarded_age_seconds") >= 60
+        assert role.tick() == {0: Commit(2), 1: Commit(4)}, "committed past unsent spans"
+        await role.forwarder.drain(5.0)
+        assert role.tick() == {0: Commit(7), 1: Commit(4)}
+        after = scrape(collector_for(p, forward=forward))
+        assert value(after, "forward_oldest_unforwarded_age_seconds") == 0
+        assert value(after, "phoenix_spans_accepted_total") == 4
+
+    asyncio.run(scenario())
 
 
 def test_sampling_decisions_are_counted_by_policy_and_early_ones_by_partition() -> None:
     async def scenario() -> None:
-        forwarder = accepting_forwarder()
         policy = SamplingPolicy(probability=0.0, keep_errors=True, max_buffered_traces=2)
-        p = pipeline(forwarder=forwarder, sampling=policy)
+        p = pipeline(forwarding=True, sampling=policy)
         failed = [span_pb(trace=1, span=1, error=True), span_pb(trace=1, span=2, parent=1)]
         await p.feed(0, payload_of(failed, {"service.name": "agents"}))
         for trace in (2, 3, 4):  # three traces in a buffer of two: one decided early
             await p.feed(0, trace_payload(trace, spans=2))
         p.clock.now_ms += 10 * WINDOW_MS  # quiet and caught up: everything is decided
-        await p.stage1.tick(lambda partition: True)
-        samples = scrape(collector_for(p, forwarder=forwarder))
+        await p.aggregate.tick(lambda partition: True)
+        samples = scrape(collector_for(p))
         assert value(samples, "sampling_spans_total", decision="kept", policy="error") == 2
         assert value(samples, "sampling_spans_total", decision="dropped", policy="not_sampled") == 6
         assert value(samples, "sampling_spans_total", decision="kept", policy="probabilistic") == 0
         assert value(samples, "sampling_decided_early_traces_total", partition="0") == 2
-        await forwarder.drain(5.0)
+        assert value(samples, "kept_spans_written_total") == 2, "only the failed trace is kept"
+        assert [key for key, _ in p.kept] == [(1).to_bytes(16, "big")]
 
     asyncio.run(scenario())
 
 
 def test_traces_decided_on_their_first_span_are_counted_by_partition() -> None:
     async def scenario() -> None:
-        forwarder = accepting_forwarder()
         # Only the probability can keep a trace: each is decided as its first span comes.
         policy = SamplingPolicy(probability=0.0, keep_errors=False)
-        p = pipeline(forwarder=forwarder, sampling=policy, max_traces=10)
+        p = pipeline(forwarding=True, sampling=policy, max_traces=10)
         for trace in (1, 2, 3):
             await p.feed(0, trace_payload(trace, spans=2))
-        samples = scrape(collector_for(p, forwarder=forwarder))
+        samples = scrape(collector_for(p))
         assert value(samples, "sampling_decided_at_once_traces_total", partition="0") == 3
         assert value(samples, "sampling_spans_total", decision="dropped", policy="not_sampled") == 6
         assert value(samples, "sampling_decided_early_traces_total", partition="0") == 0
+        assert p.kept == []
 
     asyncio.run(scenario())
 
@@ -381,9 +480,9 @@ def test_the_documented_metrics_are_exactly_the_exposed_ones() -> None:
     async def make_forwarder() -> SpanForwarder:
         return accepting_forwarder()  # in a running loop, as the worker makes it
 
-    forwarder = asyncio.run(make_forwarder())
+    forward = ForwardStandIn(ForwardRole(asyncio.run(make_forwarder())))
     registry = CollectorRegistry()
-    registry.register(collector_for(pipeline(), forwarder=forwarder))
+    registry.register(collector_for(pipeline(forwarding=True), forward=forward))
     exposed = _exposed_names(generate_latest(registry).decode())
     assert exposed == set(METRIC_NAMES)
     documented = set(re.findall(r"^\| `(trace_processor_\w+)`", DOCS.read_text(), re.MULTILINE))
@@ -513,13 +612,14 @@ def test_url_of_the_bound_address(host: str, url: str) -> None:
 
 
 class FakeProbe:
-    name = "mlflow"
-
-    def __init__(self) -> None:
+    def __init__(self, name: str = "mlflow") -> None:
+        self.name = name
         self.ok = False
 
     async def check(self) -> tuple[bool, str]:
-        return (True, "HTTP 200") if self.ok else (False, "unreachable at http://mlflow/health")
+        if self.ok:
+            return True, "HTTP 200"
+        return False, f"unreachable at http://{self.name}/health"
 
     async def close(self) -> None:
         pass
@@ -561,9 +661,9 @@ def test_readiness_flips_through_joining_rebalance_restore_and_dependencies(
         service = ObservabilityService(
             app=app,  # type: ignore[arg-type]
             settings=settings,
-            stage1=p.stage1,
-            stage2=p.stage2,
-            forwarder=None,
+            aggregate=p.aggregate,
+            finalize=p.finalize,
+            forward=None,
             ledger=CommitLedger(),
             writer=None,
             probes=[probe],
@@ -588,8 +688,8 @@ def test_readiness_flips_through_joining_rebalance_restore_and_dependencies(
                 consumer.assigned = {TP("s", 0), TP("p", 0)}
                 consumer._committed_offset[TP("s", 0)] = 20  # nothing read yet
                 assert "s[0]: assigned, state not restored yet" in (await ready())[1]
-                p.stage1.assign(0, None)  # what on_partitions_assigned does
-                p.stage2.assign(0, None)
+                p.aggregate.assign(0, None)  # what on_partitions_assigned does
+                p.finalize.assign(0, None)
                 assert await ready() == (503, ["mlflow: unreachable at http://mlflow/health"])
                 probe.ok = True
                 await asyncio.sleep(0.1)  # the next probe round
@@ -600,6 +700,8 @@ def test_readiness_flips_through_joining_rebalance_restore_and_dependencies(
                 status = (await client.get("/status")).json()
                 assert status["assignment"] == {"p": [0], "s": [0]}
                 assert status["ready"] is True
+                assert status["roles"] == ["aggregate", "finalize", "forward"]
+                assert status["forwarding"] is None, "no forward role runs here"
                 app.should_stop = True
                 assert await ready() == (503, ["stopping"])
         finally:
@@ -610,3 +712,98 @@ def test_readiness_flips_through_joining_rebalance_restore_and_dependencies(
                 await client.get(f"{note.url}/healthz")
 
     asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+
+
+@pytest.mark.parametrize(
+    ("roles", "probed"),
+    [
+        # Aggregate writes only to Kafka: Phoenix or MLflow down never makes it unready.
+        (("aggregate",), []),
+        (("finalize",), ["mlflow"]),
+        (("forward",), ["phoenix"]),
+        (("aggregate", "forward"), ["phoenix"]),
+        (("aggregate", "finalize", "forward"), ["mlflow", "phoenix"]),
+    ],
+)
+def test_readiness_probes_only_what_the_roles_run_write_to(
+    roles: tuple[str, ...], probed: list[str]
+) -> None:
+    async def scenario() -> list[str]:
+        p = pipeline(forwarding=True)
+        forward = ForwardStandIn(ForwardRole(accepting_forwarder()))
+        service = ObservabilityService(
+            app=None,
+            settings=WorkerSettings(roles=list(roles)),  # type: ignore[arg-type]
+            aggregate=p.aggregate if "aggregate" in roles else None,
+            finalize=p.finalize if "finalize" in roles else None,
+            forward=forward if "forward" in roles else None,  # type: ignore[arg-type]
+            ledger=None,
+        )
+        try:
+            return sorted(service.dependencies.results)
+        finally:
+            await service.dependencies.close()
+            await forward.role.forwarder.drain(1.0)
+
+    assert asyncio.run(scenario()) == probed
+
+
+def test_a_forward_only_worker_reports_its_forwarding_and_needs_only_phoenix(
+    tmp_path: Path,
+) -> None:
+    settings = WorkerSettings(
+        roles=["forward"],
+        sampled_topic="t.sampled",
+        registry_dir=tmp_path,
+        worker_id="forwarder-1",
+    )
+    probe = FakeProbe("phoenix")
+
+    async def scenario() -> None:
+        p = pipeline(forwarding=True, max_traces=100)
+        await p.feed(0, trace_payload(1, spans=3))
+        forward = ForwardStandIn(
+            ForwardRole(accepting_forwarder(batch_spans=100)),
+            highwater={0: 10, 1: 3},
+            committed={0: 4, 1: 3},
+            joined=False,
+        )
+        service = ObservabilityService(
+            app=None,
+            settings=settings,
+            aggregate=None,
+            finalize=None,
+            forward=forward,  # type: ignore[arg-type]
+            ledger=None,
+            probes=[probe],
+        )
+        assert service.readiness().problems == (
+            "joining the consumer group: no partitions assigned yet",
+            "phoenix: not checked yet",
+        )
+        forward.joined = True
+        forward.role.assign(0, 4, 0)
+        forward.role.assign(1, 3, 0)
+        minute_ago_ms = int(time.time() * 1000) - 60_000
+        await forward.role.handle(0, 4, minute_ago_ms, p.kept[0][1])
+        await service.dependencies.check_all()
+        assert service.readiness().problems == ("phoenix: unreachable at http://phoenix/health",)
+        probe.ok = True
+        await service.dependencies.check_all()
+        status = service.status()
+        assert status["ready"] is True, status["problems"]
+        assert status["roles"] == ["forward"]
+        assert status["assignment"] == {"t.sampled": [0, 1]}
+        forwarding = status["forwarding"]
+        assert forwarding["lag_messages"] == 6
+        assert forwarding["spans_pending"] == 3
+        assert forwarding["lost_records"] == 0
+        assert forwarding["oldest_unforwarded_age_s"] >= 60
+        samples = scrape(service.collector)
+        assert value(samples, "forward_records_total") == 1
+        assert value(samples, "consumer_lag", topic="t.sampled", partition="0") == 6
+        assert not any(name.endswith("messages_consumed_total") for name, _ in samples)
+        assert not any(name.endswith("windows_finalized_total") for name, _ in samples)
+        await forward.role.forwarder.drain(1.0)
+
+    asyncio.run(scenario())

@@ -107,7 +107,7 @@ from processor.settings import WorkerSettings
 from processor.worker.logging_setup import configure_logging
 settings = WorkerSettings(log_format="json", worker_id="w-7")
 config = configure_logging(settings)
-logging.getLogger("processor.worker.stage1").warning(
+logging.getLogger("processor.worker.aggregate").warning(
     "key %s", os.environ["PHOENIX_API_KEY"], extra={"partition": 2})
 logging.getLogger("httpx").info("HTTP Request: POST ...")
 import logging.config
@@ -124,7 +124,7 @@ logging.getLogger("x").info("after the worker took over")
     )
     lines = [json.loads(line) for line in result.stderr.splitlines()]
     assert [(e["logger"], e["message"], e.get("partition")) for e in lines] == [
-        ("processor.worker.stage1", f"key {MASK}", 2),
+        ("processor.worker.aggregate", f"key {MASK}", 2),
         ("x", "after the worker took over", None),
     ]
     assert {e["worker_id"] for e in lines} == {"w-7"}

@@ -25,7 +25,7 @@ from processor.core.decoding import extract_spans
 from processor.core.semconv import ExtractionConfig
 from processor.errors import ConfigurationError
 from processor.sinks.phoenix import ExportResult, PhoenixExporter, RetryPolicy
-from processor.worker.forwarding import ForwardedBatch, SpanForwarder, SpanItem
+from processor.worker.phoenix_delivery import ForwardedBatch, SpanForwarder, SpanItem
 
 URL = "http://phoenix.test/v1/traces"
 KEY = "sk-very-secret-0123456789"
@@ -37,8 +37,8 @@ _next_span_id = iter(range(1, 1 << 40))
 
 
 def _spans(count: int, *, project: str | None = None) -> list[SpanItem]:
-    """One Kafka message's worth of kept spans, with fresh span ids, as stage 1 hands them
-    over (each with its origin)."""
+    """One sampled-topic record's worth of kept spans, with fresh span ids, as the forward
+    role hands them over (each with its origin)."""
     request = ExportTraceServiceRequest()
     resource_spans = request.resource_spans.add()
     resource_spans.resource.attributes.append(

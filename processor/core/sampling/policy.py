@@ -19,18 +19,12 @@ from processor.core.sampling.threshold import probability_to_threshold
 REASON_ERROR = "error"
 REASON_LATENCY = "latency"
 REASON_ATTRIBUTE = "attribute"
-REASON_EXEMPLAR = "exemplar"
 REASON_PROBABILISTIC = "probabilistic"
-KEEP_REASONS = (
-    REASON_ERROR,
-    REASON_LATENCY,
-    REASON_ATTRIBUTE,
-    REASON_EXEMPLAR,
-    REASON_PROBABILISTIC,
-)
+KEEP_REASONS = (REASON_ERROR, REASON_LATENCY, REASON_ATTRIBUTE, REASON_PROBABILISTIC)
 DROP_NOT_SAMPLED = "not_sampled"
+DROP_BUDGET = "budget"
 DROP_RATE_LIMITED = "rate_limited"
-DROP_REASONS = (DROP_NOT_SAMPLED, DROP_RATE_LIMITED)
+DROP_REASONS = (DROP_NOT_SAMPLED, DROP_BUDGET, DROP_RATE_LIMITED)
 
 _SUMMARY_VALUES = 5  # values of one attribute shown in the summary before "+N more"
 
@@ -42,9 +36,13 @@ class SamplingPolicy:
     ``attribute_matches`` maps a span attribute to the values that keep its trace (string
     values; a bool matches ``"true"``/``"false"``, an int its decimal form).
     ``agent_spans_per_second`` caps the spans forwarded per attributed agent (a token bucket
-    holding one second's worth, at least one span, refilled by the watermark); exemplar traces
-    are exempt. A trace is decided once the watermark reaches its root span's end plus
-    ``decision_grace_ms``, or its first-seen span's end plus ``decision_max_wait_ms``.
+    holding one second's worth, at least one span, refilled by the watermark).
+    ``budget_spans_per_second`` is the share of one source partition in the total budget of
+    spans sent to Phoenix, per second of event time: a trace that only the probability would
+    keep is kept whole if its second has room, else dropped whole (reason ``budget``); traces a
+    rule keeps are always kept and use the budget too (see ``budget.SpanBudget``). A trace is
+    decided once the watermark reaches its root span's end plus ``decision_grace_ms``, or its
+    first-seen span's end plus ``decision_max_wait_ms``.
     """
 
     probability: float = 0.1
@@ -52,6 +50,7 @@ class SamplingPolicy:
     latency_threshold_ms: int | None = None
     attribute_matches: Mapping[str, frozenset[str]] = field(default_factory=dict)
     agent_spans_per_second: float | None = None
+    budget_spans_per_second: float | None = None
     decision_grace_ms: int = 2_000
     decision_max_wait_ms: int = 30_000
     max_buffered_spans: int = 200_000
@@ -83,17 +82,8 @@ class SamplingPolicy:
             matches[key] = frozenset(values)
         # sorted by name: the summary and every iteration are the same for equal policies
         object.__setattr__(self, "attribute_matches", dict(sorted(matches.items())))
-        rate = self.agent_spans_per_second
-        if rate is not None and (
-            isinstance(rate, bool)
-            or not isinstance(rate, int | float)
-            or not math.isfinite(rate)
-            or rate <= 0
-        ):
-            raise ValueError(
-                f"agent_spans_per_second must be a number above 0 (or None for no limit), "
-                f"got {rate!r}"
-            )
+        _check_rate("agent_spans_per_second", self.agent_spans_per_second)
+        _check_rate("budget_spans_per_second", self.budget_spans_per_second)
         _check_int("decision_grace_ms", self.decision_grace_ms, minimum=0)
         _check_int("decision_max_wait_ms", self.decision_max_wait_ms, minimum=0)
         _check_int("max_buffered_spans", self.max_buffered_spans, minimum=1)
@@ -113,7 +103,8 @@ class SamplingPolicy:
 
     def summary(self) -> str:
         """One line for the MLflow params, e.g.
-        ``p=0.1; keep errors; latency>=5000ms; attr session.flagged in {true}; 50 spans/s/agent``.
+        ``p=0.1; keep errors; latency>=5000ms; attr session.flagged in {true}; 50 spans/s/agent;
+        budget 25 spans/s/partition``.
         """
         parts = [f"p={self.probability:g}"]
         if self.keep_errors:
@@ -128,7 +119,19 @@ class SamplingPolicy:
             parts.append(f"attr {key} in {{{listed}}}")
         if self.agent_spans_per_second is not None:
             parts.append(f"{self.agent_spans_per_second:g} spans/s/agent")
+        if self.budget_spans_per_second is not None:
+            parts.append(f"budget {self.budget_spans_per_second:g} spans/s/partition")
         return "; ".join(parts)
+
+
+def _check_rate(name: str, rate: object) -> None:
+    if rate is not None and (
+        isinstance(rate, bool)
+        or not isinstance(rate, int | float)
+        or not math.isfinite(rate)
+        or rate <= 0
+    ):
+        raise ValueError(f"{name} must be a number above 0 (or None for no limit), got {rate!r}")
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:

@@ -25,7 +25,10 @@ class SampledSpan:
 
     ``reason`` is set when kept, ``drop_reason`` when dropped. ``threshold`` is the rejection
     threshold that a kept span's tracestate should carry (None when dropped, or when an
-    inconsistent upstream ``th`` had to be erased).
+    inconsistent upstream ``th`` had to be erased). ``replay_from``, set with a span budget, is
+    the offset a replay must start at or before to give the span this outcome again (the first
+    offset of every trace that could charge its trace's budget slot); None: the first offset
+    of the span's own trace will do.
     """
 
     trace_id: bytes
@@ -46,6 +49,7 @@ class SampledSpan:
     reason: str | None = None
     drop_reason: str | None = None
     threshold: int | None = None
+    replay_from: int | None = None
 
     @classmethod
     def of(cls, span: SpanRecord, agent: str, offset: int, is_invocation: bool) -> SampledSpan:
@@ -66,6 +70,13 @@ class SampledSpan:
             agent,
             offset,
         )
+
+    @property
+    def counted_ms(self) -> int:
+        """The event time the span counts at: its end, or if it was late on arrival the start
+        of the window it is counted in."""
+        late = self.late_window_ms
+        return self.end_ms if late is None else late
 
     @property
     def pb(self) -> Span:

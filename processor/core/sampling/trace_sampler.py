@@ -7,10 +7,14 @@ trace at once and remembers the decision, so that every span of a trace gets the
   or the first-seen span's end plus the maximum wait. Due traces are decided oldest due first.
 - **Kept** when any keep policy holds; the reason is the first that applies, in the order
   ``error``, ``latency`` (max end - min start over the spans buffered), ``attribute``,
-  ``exemplar`` (``force_keep``), ``probabilistic`` (the trace's randomness is at or above the
-  policy's threshold: the same answer on any worker, OpenTelemetry-consistent).
-- **Capped** by the per-agent rate limit, span by span in arrival order; exemplar traces are
-  exempt, so a rollup's link never points at nothing.
+  ``probabilistic`` (the trace's randomness is at or above the policy's threshold: the same
+  answer on any worker, OpenTelemetry-consistent).
+- **Budgeted**, with ``budget_spans_per_second``: a trace that only the probability keeps is
+  kept if its budget slot (the second of event time its latest span counts at; ``SpanBudget``)
+  has room, else dropped whole with reason ``budget``. Rule keeps always go, and every span of
+  a kept trace, its later spans too, is charged to the trace's slot.
+- **Capped** by the per-agent rate limit, span by span in arrival order (after the budget,
+  which charges the spans it lets through whether or not an agent's limit then cuts them).
 - **Late spans** of a decided trace follow the cached decision at once. The cache is an LRU
   bounded in size and, given a decision TTL, forgets a trace in event time: once the watermark
   is that far past the trace's last end, as the assembler forgets a trace. A replay from a
@@ -19,14 +23,19 @@ trace at once and remembers the decision, so that every span of a trace gets the
   seen) is decided at once on the spans it has, and counted in ``decided_early``.
 - **Nothing to wait for**: when only the probability can keep a trace
   (``SamplingPolicy.probability_only``), a trace is decided on its first span (its randomness
-  cannot rise with more spans), unless ``force_keep`` named it first; its other spans follow
-  the cached decision. Nothing is buffered, so a busy worker holds no spans for sampling and
-  its windows need not wait for decisions. Counted in ``decided_at_once``.
+  cannot rise with more spans); its other spans follow the cached decision. Nothing is
+  buffered, so a busy worker holds no spans for sampling and its windows need not wait for
+  decisions. Counted in ``decided_at_once``.
 
 Every span added comes out exactly once, as a ``SampledSpan``; ``drop_now`` lets a caller ask
 first whether a span is dropped as it comes (then it is not added, and no object is made for
 it). There is no wall clock and no randomness besides the trace ids': the same calls give the
 same outputs.
+
+A replay from a checkpoint starts with a fresh sampler. Without a budget a trace's answer
+depends on the trace alone. With one it depends on what else charged the trace's slot, so
+every outcome carries ``replay_from`` (where a replay must start to see all of that) and
+``budget_replay_offset`` says where a replay must start for the decisions still to come.
 
 Kept spans carry the threshold to write into their tracestate (``mark_forwarded``): ours for a
 probabilistic keep, 0 (adjusted count 1 from this stage) for a rule's keep, raised to the
@@ -43,13 +52,14 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 
 from processor.core.lazy_heap import LazyHeap
+from processor.core.sampling.budget import SpanBudget
 from processor.core.sampling.policy import (
+    DROP_BUDGET,
     DROP_NOT_SAMPLED,
     DROP_RATE_LIMITED,
     KEEP_REASONS,
     REASON_ATTRIBUTE,
     REASON_ERROR,
-    REASON_EXEMPLAR,
     REASON_LATENCY,
     REASON_PROBABILISTIC,
     SamplingPolicy,
@@ -67,7 +77,8 @@ _NO_RANDOMNESS_YET = 1 << 57  # above any 56-bit randomness: the first span's re
 @dataclass(slots=True)
 class SamplingStats:
     spans_kept: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KEEP_REASONS, 0))
-    spans_dropped: int = 0  # every span not forwarded, rate-limited ones included
+    spans_dropped: int = 0  # every span not forwarded: over budget and rate-limited included
+    spans_over_budget: int = 0  # of spans_dropped: traces only the probability kept, no room
     spans_rate_limited: int = 0  # of spans_dropped: kept traces' spans over the rate limit
     spans_after_decision: int = 0  # late spans that followed their trace's cached decision
     upstream_th_erased: int = 0  # kept spans whose upstream th contradicted their randomness
@@ -88,10 +99,18 @@ class SamplingStats:
 @dataclass(frozen=True, slots=True)
 class _Decision:
     keep: bool
-    reason: str | None
+    reason: str | None  # when kept
+    drop_reason: str | None  # when dropped
     threshold: int  # this stage's threshold: ours if probabilistic, else always-sample
-    exempt: bool  # an exemplar trace: not rate limited
     at_once: bool = False  # taken on the trace's first span: its later spans are not late
+    # With a budget: the slot a kept trace's spans are charged to, and where a replay must
+    # start to take this decision again (see SampledSpan.replay_from).
+    budget_slot: int | None = None
+    replay_from: int | None = None
+
+
+# Decisions that depend on nothing but the trace's randomness, shared by every trace.
+_NOT_SAMPLED_AT_ONCE = _Decision(False, None, DROP_NOT_SAMPLED, 0, at_once=True)
 
 
 @dataclass(slots=True)
@@ -106,9 +125,12 @@ class _Trace:
     min_end_ns: int
     max_end_ns: int
     randomness: int
+    # With a budget: where the caller first saw the trace, and the latest event time a
+    # buffered span counts at (the trace's budget slot).
+    first_offset: int = 1 << 62
+    counted_ms: int = -(1 << 62)
     has_error: bool = False
     attribute_match: bool = False
-    forced: bool = False
     id_randomness_seen: bool = False  # a span without a tracestate has been folded in
 
 
@@ -128,6 +150,8 @@ class TraceSampler:
         self.policy = policy
         rate = policy.agent_spans_per_second
         self._limiter = AgentRateLimiter(rate) if rate is not None else None
+        budget = policy.budget_spans_per_second
+        self._budget = SpanBudget(budget) if budget is not None else None
         self._at_once = policy.probability_only
         self._traces: dict[bytes, _Trace] = {}  # insertion order = first seen
         self._due: list[tuple[int, int, bytes]] = []  # (due ms, sequence, trace id)
@@ -141,21 +165,41 @@ class TraceSampler:
         self._decision_ttl_ms = decision_ttl_ms
         self._decided_end: dict[bytes, int] = {}
         self._decided_by_end = LazyHeap(self._decided_end, lambda end: end)
-        self._forced_unseen: OrderedDict[bytes, None] = OrderedDict()
+        # With a budget: trace id -> replay_from of each remembered decision that a later span
+        # follows statefully (a replay, not knowing the decision, could answer that span
+        # otherwise): a checkpoint must not pass them.
+        self._held: dict[bytes, int] = {}
+        self._held_by_offset = LazyHeap(self._held, lambda offset: offset)
         self._clock_ms = 0  # the largest watermark seen: the rate limiter's event time
         self.stats = SamplingStats()
 
     # --- input -----------------------------------------------------------------------------
 
     def add(
-        self, span: SpanRecord, agent: str, offset: int, *, is_invocation: bool = False
+        self,
+        span: SpanRecord,
+        agent: str,
+        offset: int,
+        *,
+        is_invocation: bool = False,
+        first_offset: int | None = None,
     ) -> list[SampledSpan]:
-        """Take one attributed span; return the spans decided now: none while its trace is
-        undecided, the span itself when its trace was decided before, and the spans of any
-        trace the bounds forced out. What is kept of the span is its ``SampledSpan``."""
+        """Take one attributed span from the message at ``offset``; return the spans decided
+        now: none while its trace is undecided, the span itself when its trace was decided
+        before, and the spans of any trace the bounds forced out. What is kept of the span is
+        its ``SampledSpan``. ``first_offset``: where the caller first saw the span's trace (a
+        replay from there sees the whole trace); with a budget it decides ``replay_from``."""
         out: list[SampledSpan] = []
         trace_id = span.trace_id
         item = SampledSpan.of(span, agent, offset, is_invocation)
+        budget = self._budget
+        counted_ms = first = 0  # used with a budget only
+        if budget is not None:
+            counted_ms = item.counted_ms
+            first = offset if first_offset is None or first_offset > offset else first_offset
+            # Whichever span a replay takes for this trace's first or latest, it may charge
+            # the slot this span counts in: the slot notes where such a replay must start.
+            budget.note(budget.slot_of(counted_ms), first)
         decision = self._decisions.get(trace_id)
         if decision is not None:
             self._decisions.move_to_end(trace_id)
@@ -165,9 +209,10 @@ class TraceSampler:
             self._emit(item, decision, out)
             return out
         traces = self._traces
-        if self._at_once and trace_id not in traces and trace_id not in self._forced_unseen:
+        if self._at_once and trace_id not in traces:
             keep = _randomness(span) >= self.policy.threshold
-            self._emit(item, self._decide_at_once(trace_id, keep, span.end_ms), out)
+            decision = self._decide_at_once(trace_id, keep, span.end_ms, counted_ms, first)
+            self._emit(item, decision, out)
             return out
         policy = self.policy
         if trace_id not in traces:
@@ -185,6 +230,11 @@ class TraceSampler:
                 return out
             trace = self._start(span, offset)
         self._buffer(trace, span, item)
+        if budget is not None:
+            if first < trace.first_offset:
+                trace.first_offset = first
+            if counted_ms > trace.counted_ms:
+                trace.counted_ms = counted_ms
         return out
 
     def drop_now(self, span: SpanRecord) -> bool:
@@ -194,6 +244,9 @@ class TraceSampler:
 
         With only a probability most spans are dropped as they come; skipping ``add`` for them
         skips an object per span (measured in-process at p=0.1: ~15% more spans per CPU-second).
+        With a budget only those are: a span dropped for the budget, or a later span of a trace
+        that waited for its decision, goes to ``add``, which notes it in the budget (a replay
+        that does not know the trace's decision might answer that span otherwise).
         """
         trace_id = span.trace_id
         decision = self._decisions.get(trace_id)
@@ -201,12 +254,11 @@ class TraceSampler:
             if (
                 not self._at_once
                 or trace_id in self._traces
-                or trace_id in self._forced_unseen
                 or _randomness(span) >= self.policy.threshold
             ):
                 return False  # buffered, or kept: ``add`` says which
-            self._decide_at_once(trace_id, False, span.end_ms)
-        elif decision.keep:
+            self._decide_at_once(trace_id, False, span.end_ms, 0, 0)
+        elif decision.keep or (self._budget is not None and decision is not _NOT_SAMPLED_AT_ONCE):
             return False
         else:
             self._decisions.move_to_end(trace_id)
@@ -228,9 +280,6 @@ class TraceSampler:
             max_end_ns=span.end_ns,
             randomness=_NO_RANDOMNESS_YET,
         )
-        if span.trace_id in self._forced_unseen:  # force_keep came before its first span
-            del self._forced_unseen[span.trace_id]
-            trace.forced = True
         self._traces[span.trace_id] = trace
         heapq.heappush(self._due, (trace.due_ms, trace.due_sequence, span.trace_id))
         self._by_end.push(span.end_ns, span.trace_id)
@@ -294,8 +343,10 @@ class TraceSampler:
         ttl = self._decision_ttl_ms
         if ttl is not None:
             decisions, decided_end = self._decisions, self._decided_end
+            held = self._held
             for trace_id in self._decided_by_end.pop_through(self._clock_ms - ttl):
                 del decisions[trace_id], decided_end[trace_id]
+                held.pop(trace_id, None)
                 self.stats.decisions_expired += 1
         return out
 
@@ -308,36 +359,6 @@ class TraceSampler:
             raise RuntimeError("uses_decision_ttl must come before the first decision")
         if self._decision_ttl_ms is None:
             self._decision_ttl_ms = ttl_ms
-
-    # --- exemplars -------------------------------------------------------------------------
-
-    def force_keep(self, trace_id: bytes) -> None:
-        """Keep this trace, with reason ``exemplar`` unless a rule's reason comes first, and
-        exempt it from the rate limit. For a trace decided and dropped already, only the spans
-        that come later are kept; for a trace not seen yet, its spans when they come."""
-        trace = self._traces.get(trace_id)
-        if trace is not None:
-            trace.forced = True
-            return
-        decision = self._decisions.get(trace_id)
-        if decision is not None:
-            at_once = decision.at_once
-            if not decision.keep:
-                decision = _Decision(
-                    True, REASON_EXEMPLAR, ALWAYS_SAMPLE_THRESHOLD, True, at_once=at_once
-                )
-            elif not decision.exempt:
-                decision = _Decision(
-                    True, decision.reason, decision.threshold, True, at_once=at_once
-                )
-            self._decisions[trace_id] = decision
-            self._decisions.move_to_end(trace_id)
-            return
-        forced = self._forced_unseen
-        forced[trace_id] = None
-        forced.move_to_end(trace_id)
-        while len(forced) > self.policy.max_buffered_traces:
-            forced.popitem(last=False)
 
     # --- deciding --------------------------------------------------------------------------
 
@@ -353,20 +374,37 @@ class TraceSampler:
             return REASON_LATENCY
         if trace.attribute_match:
             return REASON_ATTRIBUTE
-        if trace.forced:
-            return REASON_EXEMPLAR
         if trace.randomness >= policy.threshold:
             return REASON_PROBABILISTIC
         return None
 
-    def _decide_at_once(self, trace_id: bytes, keep: bool, end_ms: int) -> _Decision:
+    def _decide_at_once(
+        self, trace_id: bytes, keep: bool, end_ms: int, counted_ms: int, first: int
+    ) -> _Decision:
+        """Decide a trace on its first span (``counted_ms``: where that span counts)."""
         stats = self.stats
         stats.traces_decided += 1
         stats.decided_at_once += 1
+        budget = self._budget
+        if not keep:
+            decision = _NOT_SAMPLED_AT_ONCE
+        elif budget is None:
+            decision = _Decision(True, REASON_PROBABILISTIC, None, self.policy.threshold, True)
+        else:
+            slot = budget.slot_of(counted_ms)
+            noted = budget.first_offset(slot)
+            replay_from = first if noted is None or noted > first else noted
+            if budget.admits(slot):
+                decision = _Decision(
+                    True, REASON_PROBABILISTIC, None, self.policy.threshold, True, slot, replay_from
+                )
+            else:
+                decision = _Decision(
+                    False, None, DROP_BUDGET, self.policy.threshold, True, None, replay_from
+                )
+            keep = decision.keep
         if keep:
             stats.traces_kept += 1
-        reason = REASON_PROBABILISTIC if keep else None
-        decision = _Decision(keep, reason, self.policy.threshold, False, at_once=True)
         self._remember(trace_id, decision, end_ms)
         return decision
 
@@ -376,9 +414,14 @@ class TraceSampler:
         if self._decision_ttl_ms is not None:
             self._decided_end[trace_id] = end_ms
             self._decided_by_end.push(end_ms, trace_id)
+        replay_from = decision.replay_from
+        if replay_from is not None:
+            self._held[trace_id] = replay_from
+            self._held_by_offset.push(replay_from, trace_id)
         while len(decisions) > self.policy.decision_cache_size:
             evicted, _ = decisions.popitem(last=False)
             self._decided_end.pop(evicted, None)
+            self._held.pop(evicted, None)
             self.stats.cache_evictions += 1
 
     def _extend_decided(self, trace_id: bytes, end_ms: int) -> None:
@@ -396,12 +439,30 @@ class TraceSampler:
         if early:
             stats.decided_early += 1
         reason = self._reason(trace)
-        if reason is not None:
-            stats.traces_kept += 1
+        drop_reason = None if reason is not None else DROP_NOT_SAMPLED
         threshold = (
             self.policy.threshold if reason == REASON_PROBABILISTIC else ALWAYS_SAMPLE_THRESHOLD
         )
-        decision = _Decision(reason is not None, reason, threshold, trace.forced)
+        budget = self._budget
+        if budget is None:
+            decision = _Decision(reason is not None, reason, drop_reason, threshold)
+        else:
+            slot = budget.slot_of(trace.counted_ms)
+            # A rule's answer, or no, depends on the trace alone: a replay from its first
+            # offset gives it again. Room in the slot depends on every trace that charged it.
+            replay_from = trace.first_offset
+            if reason == REASON_PROBABILISTIC:
+                noted = budget.first_offset(slot)
+                if noted is not None and noted < replay_from:
+                    replay_from = noted
+                if not budget.admits(slot):
+                    reason, drop_reason = None, DROP_BUDGET
+            keep = reason is not None
+            decision = _Decision(
+                keep, reason, drop_reason, threshold, False, slot if keep else None, replay_from
+            )
+        if decision.keep:
+            stats.traces_kept += 1
         self._remember(trace_id, decision, trace.max_end_ns // NANOS_PER_MILLI)
         for item in trace.spans:
             self._emit(item, decision, out)
@@ -409,17 +470,20 @@ class TraceSampler:
     def _emit(self, item: SampledSpan, decision: _Decision, out: list[SampledSpan]) -> None:
         """Fill in the span's outcome and hand it out (each span exactly once)."""
         stats = self.stats
+        if decision.replay_from is not None:
+            item.replay_from = decision.replay_from
         if not decision.keep:
             stats.spans_dropped += 1
-            item.drop_reason = DROP_NOT_SAMPLED
+            if decision.drop_reason == DROP_BUDGET:
+                stats.spans_over_budget += 1
+            item.drop_reason = decision.drop_reason
             out.append(item)
             return
+        slot, budget = decision.budget_slot, self._budget
+        if slot is not None and budget is not None:
+            budget.charge(slot)
         limiter = self._limiter
-        if (
-            limiter is not None
-            and not decision.exempt
-            and not limiter.try_take(item.agent, self._clock_ms)
-        ):
+        if limiter is not None and not limiter.try_take(item.agent, self._clock_ms):
             stats.spans_dropped += 1
             stats.spans_rate_limited += 1
             item.drop_reason = DROP_RATE_LIMITED
@@ -453,6 +517,38 @@ class TraceSampler:
     def pending_offset(self) -> int | None:
         """The smallest source offset of a span still buffered (undecided), if any."""
         return self._by_offset.peek()
+
+    def budget_replay_offset(self, counted_from_ms: int | None) -> int | None:
+        """With a budget, the smallest offset a replay may start from (with a fresh sampler)
+        and still take every decision to come, and follow every decision remembered, as this
+        sampler will; None without a budget, or when nothing holds a replay back.
+
+        ``counted_from_ms``: no span handed in from now on counts (``SampledSpan.counted_ms``)
+        before it; None if the caller cannot say.
+        """
+        budget = self._budget
+        if budget is None:
+            return None
+        # Slots that decisions to come may look at: those of the spans to come and of the
+        # buffered ones (each counts at its end or later).
+        floor = counted_from_ms
+        buffered = self.earliest_buffered_end_ms()
+        if floor is not None and buffered is not None and buffered < floor:
+            floor = buffered
+        offsets = [budget.min_first_offset(floor), self._held_by_offset.peek()]
+        found = [offset for offset in offsets if offset is not None]
+        return min(found) if found else None
+
+    def forget_budget_before(self, counted_from_ms: int) -> None:
+        """No span handed in from now on counts before ``counted_from_ms``: the budget slots
+        before it and before every buffered span can go (bounded memory)."""
+        budget = self._budget
+        if budget is None:
+            return
+        buffered = self.earliest_buffered_end_ms()
+        budget.forget_before(
+            counted_from_ms if buffered is None else min(buffered, counted_from_ms)
+        )
 
     def earliest_buffered_end_ms(self) -> int | None:
         """The end time of the earliest-ending span still buffered, if any: a window holding

@@ -1,5 +1,5 @@
-"""The sampling policy's checks and summary, attribute matching, and the per-agent rate limit
-driven by an injected event-time clock."""
+"""The sampling policy's checks and summary, attribute matching, the per-agent rate limit
+driven by an injected event-time clock, and the span budget's slots."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from spanbuilder import attributes
 
+from processor.core.sampling.budget import SpanBudget
 from processor.core.sampling.policy import SamplingPolicy, matches_attributes
 from processor.core.sampling.rate_limit import AgentRateLimiter
 from processor.core.sampling.threshold import probability_to_threshold
@@ -29,9 +30,11 @@ def test_summary_names_every_policy_in_one_line() -> None:
         latency_threshold_ms=5_000,
         attribute_matches={"session.flagged": frozenset({"true"})},
         agent_spans_per_second=50,
+        budget_spans_per_second=25,
     )
     assert policy.summary() == (
-        "p=0.1; keep errors; latency>=5000ms; attr session.flagged in {true}; 50 spans/s/agent"
+        "p=0.1; keep errors; latency>=5000ms; attr session.flagged in {true}; 50 spans/s/agent; "
+        "budget 25 spans/s/partition"
     )
 
 
@@ -72,6 +75,11 @@ def test_attribute_values_are_normalised_to_frozensets() -> None:
         ({"attribute_matches": {"user.id": frozenset()}}, "would match nothing"),
         ({"agent_spans_per_second": 0}, "agent_spans_per_second must be a number above 0"),
         ({"agent_spans_per_second": float("inf")}, "agent_spans_per_second"),
+        ({"budget_spans_per_second": 0}, "budget_spans_per_second must be a number above 0"),
+        ({"budget_spans_per_second": -2.5}, "budget_spans_per_second must be a number above 0"),
+        ({"budget_spans_per_second": float("nan")}, "budget_spans_per_second"),
+        ({"budget_spans_per_second": "25"}, "budget_spans_per_second"),
+        ({"budget_spans_per_second": True}, "budget_spans_per_second"),
         ({"decision_grace_ms": -1}, "decision_grace_ms must be a whole number >= 0"),
         ({"decision_max_wait_ms": -5}, "decision_max_wait_ms"),
         ({"max_buffered_spans": 0}, "max_buffered_spans must be a whole number >= 1"),
@@ -173,3 +181,59 @@ def test_many_agents_do_not_grow_the_buckets_without_bound() -> None:
     for i in range(5_000):
         limiter.try_take(f"agent-{i}", i * 1_000)  # each bucket is full again a second later
     assert limiter.agents <= 1_025
+
+
+# --- the span budget's slots ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rate", "slot_ms", "capacity"),
+    [
+        (25, 1_000, 25),
+        (8.5, 1_000, 8.5),  # 100 spans/s over 12 partitions, say
+        (1, 1_000, 1),
+        (0.5, 2_000, 1),  # a slot holds at least one span
+        (0.3, 3_334, 1.0002),
+    ],
+)
+def test_a_slot_holds_one_second_of_the_budget_and_at_least_one_span(
+    rate: float, slot_ms: int, capacity: float
+) -> None:
+    budget = SpanBudget(rate)
+    assert (budget.slot_ms, budget.capacity) == (slot_ms, pytest.approx(capacity))
+
+
+def test_a_slot_admits_while_it_has_room_and_a_new_second_starts_empty() -> None:
+    budget = SpanBudget(2)
+    second = budget.slot_of(1_700_000_000_500)
+    budget.note(second, first_offset=7)
+    assert budget.admits(second)
+    budget.charge(second, 1)
+    assert budget.admits(second)  # 1 of 2 used: room for one more trace, of any size
+    budget.charge(second, 5)
+    assert not budget.admits(second)
+    assert budget.used(second) == 6
+    assert budget.admits(budget.slot_of(1_700_000_001_000))
+
+
+def test_a_slot_notes_the_first_offset_a_replay_must_start_at_to_fill_it_again() -> None:
+    budget = SpanBudget(10)
+    budget.note(5, first_offset=40)
+    budget.note(5, first_offset=12)
+    budget.note(5, first_offset=30)
+    budget.note(7, first_offset=3)
+    assert budget.first_offset(5) == 12
+    assert budget.min_first_offset(None) == 3
+    assert budget.min_first_offset(6_000) == 3  # slots from 6 s on: slot 7
+    assert budget.min_first_offset(8_000) is None
+    budget.forget_before(6_500)  # slot 5 goes; slot 6 would stay (not wholly before)
+    assert budget.slots == 1
+    assert budget.first_offset(5) is None
+    budget.charge(5)  # a forgotten slot takes nothing
+    assert budget.slots == 1
+
+
+@pytest.mark.parametrize("rate", [0, -1, float("nan"), float("inf"), True])
+def test_budget_must_be_positive(rate: float) -> None:
+    with pytest.raises(ValueError, match="spans_per_second"):
+        SpanBudget(rate)

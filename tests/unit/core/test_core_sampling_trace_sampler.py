@@ -1,6 +1,6 @@
 """The trace sampler: consistent decisions per trace, tail policies and their reasons, decision
-timing in event time, the decision cache, the memory bounds, exemplars and the rate limit; and
-what a forwarded span carries."""
+timing in event time, the decision cache, the memory bounds, the rate limit and the span
+budget; and what a forwarded span carries."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from spanbuilder import T0_MS, record, span_pb
 
 from processor.core.sampling import (
+    DROP_BUDGET,
     DROP_NOT_SAMPLED,
     DROP_RATE_LIMITED,
     SAMPLING_REASON_ATTRIBUTE,
@@ -264,8 +265,10 @@ def test_every_span_comes_out_once_and_is_counted_once_with_every_policy_on(
     ]
     sampler = TraceSampler(
         policy(
+            probability=0.5,
             latency_threshold_ms=2_000,
             agent_spans_per_second=1,
+            budget_spans_per_second=2,
             decision_max_wait_ms=1_500,
             max_buffered_traces=max_traces,
             max_buffered_spans=max_spans,
@@ -274,8 +277,6 @@ def test_every_span_comes_out_once_and_is_counted_once_with_every_policy_on(
     )
     out: list[SampledSpan] = []
     for offset, item in enumerate(spans):
-        if rng.random() < 0.1:
-            sampler.force_keep(item.trace_id)
         out += sampler.add(item, rng.choice(["a", "b"]), offset)
         if rng.random() < 0.3:
             out += sampler.advance(item.end_ms - rng.randint(0, 2_000))
@@ -288,6 +289,7 @@ def test_every_span_comes_out_once_and_is_counted_once_with_every_policy_on(
     assert stats.spans_kept_total + stats.spans_dropped == len(spans)
     assert stats.spans_kept_total == sum(item.keep for item in out)
     assert stats.spans_rate_limited == sum(i.drop_reason == DROP_RATE_LIMITED for i in out)
+    assert stats.spans_over_budget == sum(i.drop_reason == DROP_BUDGET for i in out)
     assert all((item.reason is None) != item.keep for item in out)
     assert all((item.drop_reason is None) == item.keep for item in out)
 
@@ -297,7 +299,12 @@ def test_the_same_calls_give_the_same_outputs() -> None:
 
     def run() -> list[tuple[bytes, bytes, bool, str | None, str | None, int | None]]:
         sampler = TraceSampler(
-            policy(latency_threshold_ms=5_000, agent_spans_per_second=5, max_buffered_traces=50)
+            policy(
+                latency_threshold_ms=5_000,
+                agent_spans_per_second=5,
+                budget_spans_per_second=3,
+                max_buffered_traces=50,
+            )
         )
         out: list[SampledSpan] = []
         for offset, item in enumerate(spans):
@@ -579,58 +586,6 @@ def test_pending_offset_is_the_smallest_offset_still_buffered() -> None:
     assert sampler.earliest_buffered_end_ms() is None
 
 
-# --- exemplars -----------------------------------------------------------------------------------
-
-
-def test_force_keep_keeps_an_undecided_trace_as_exemplar() -> None:
-    sampler = TraceSampler(policy())
-    root = make(trace=trace_id(1, UNLUCKY))
-    sampler.add(root, "a", 0)
-    sampler.force_keep(root.trace_id)
-    [item] = sampler.advance(FAR_FUTURE_MS)
-    assert (item.keep, item.reason, item.th) == (True, "exemplar", "0")
-
-
-def test_force_keep_before_the_first_span_arrives() -> None:
-    sampler = TraceSampler(policy())
-    root = make(trace=trace_id(1, UNLUCKY))
-    sampler.force_keep(root.trace_id)
-    [item] = decide_all(sampler, [root])
-    assert item.reason == "exemplar"
-
-
-def test_a_rule_reason_comes_before_exemplar() -> None:
-    sampler = TraceSampler(policy())
-    root = make(error=True)
-    sampler.force_keep(root.trace_id)
-    [item] = decide_all(sampler, [root])
-    assert item.reason == "error"
-
-
-def test_force_keep_on_a_dropped_trace_keeps_its_later_spans() -> None:
-    sampler = TraceSampler(policy())
-    root = make(trace=trace_id(1, UNLUCKY))
-    assert [item.keep for item in decide_all(sampler, [root])] == [False]
-    sampler.force_keep(root.trace_id)
-    [late] = sampler.add(make(span=2, parent=1), "a", 1)
-    assert (late.keep, late.reason) == (True, "exemplar")
-
-
-def test_exemplars_are_exempt_from_the_rate_limit() -> None:
-    sampler = TraceSampler(policy(probability=1.0, agent_spans_per_second=1))
-    trace = trace_id(1)
-    sampler.force_keep(trace.to_bytes(16, "big"))
-    spans = [make(trace=trace, span=n, parent=None if n == 1 else 1) for n in range(1, 11)]
-    out = decide_all(sampler, spans)
-    assert all(item.keep for item in out)
-    # and a kept trace made an exemplar afterwards: its late spans are exempt too
-    kept = trace_id(2)
-    decide_all(sampler, [make(trace=kept, span=n, parent=1) for n in range(2, 5)])
-    sampler.force_keep(kept.to_bytes(16, "big"))
-    late = [sampler.add(make(trace=kept, span=n, parent=1), "planner", n)[0] for n in (5, 6)]
-    assert all(item.keep for item in late)
-
-
 # --- the rate limit ------------------------------------------------------------------------------
 
 
@@ -668,6 +623,186 @@ def test_rate_limited_spans_are_not_kept_by_late_arrivals_either() -> None:
     sampler.advance(FAR_FUTURE_MS + 1_000)  # a second later the bucket has a token again
     [later] = sampler.add(make(span=3, parent=1), "planner", 2)
     assert later.keep
+
+
+# --- the span budget ----------------------------------------------------------------------------
+
+
+def budget_trace(
+    n: int, *, spans: int = 1, at_ms: int = 0, error: bool = False, lucky: bool = True
+) -> list[SpanRecord]:
+    """Trace ``n``: a root ending at ``T0_MS + at_ms`` and ``spans - 1`` children ending
+    just before it (in the same second); ``lucky`` traces the probability keeps."""
+    trace = trace_id(n, LUCKY if lucky else UNLUCKY)
+    root = make(trace=trace, span=100 * n, end_ms=T0_MS + at_ms, error=error)
+    children = [
+        make(trace=trace, span=100 * n + k, parent=100 * n, end_ms=T0_MS + at_ms - k)
+        for k in range(1, spans)
+    ]
+    return [*children, root]
+
+
+def answers(out: list[SampledSpan]) -> dict[int, set[str | None]]:
+    """Trace number -> the reasons its spans were kept or dropped for."""
+    found: dict[int, set[str | None]] = defaultdict(set)
+    for item in out:
+        found[int.from_bytes(item.trace_id, "big") >> 56].add(item.reason or item.drop_reason)
+    return dict(found)
+
+
+_P = "probabilistic"
+
+
+@pytest.mark.parametrize(
+    ("traces", "expected"),
+    [
+        pytest.param(
+            [budget_trace(1, spans=3, at_ms=10), budget_trace(2, at_ms=20)],
+            {1: {_P}, 2: {DROP_BUDGET}},
+            id="over-budget-dropped",
+        ),
+        pytest.param(
+            # room left for one span: the trace is kept whole, past the budget; the next waits
+            [
+                budget_trace(1, spans=2, at_ms=10),
+                budget_trace(2, spans=5, at_ms=20),
+                budget_trace(3, spans=4, at_ms=30),
+            ],
+            {1: {_P}, 2: {_P}, 3: {DROP_BUDGET}},
+            id="dropped-whole-kept-whole",
+        ),
+        pytest.param(
+            [
+                budget_trace(1, spans=3, at_ms=10),
+                budget_trace(2, spans=2, at_ms=20, error=True),
+                budget_trace(3, at_ms=30),
+            ],
+            {1: {_P}, 2: {"error"}, 3: {DROP_BUDGET}},
+            id="rules-keep-over-budget",
+        ),
+        pytest.param(
+            # a rule's keep uses the budget: nothing is left for chance
+            [budget_trace(1, spans=3, at_ms=10, error=True), budget_trace(2, at_ms=20)],
+            {1: {"error"}, 2: {DROP_BUDGET}},
+            id="rules-use-the-budget",
+        ),
+        pytest.param(
+            [
+                budget_trace(1, spans=3, at_ms=10),
+                budget_trace(2, at_ms=990),
+                budget_trace(3, at_ms=1_000),
+                budget_trace(4, spans=3, at_ms=2_500),
+            ],
+            {1: {_P}, 2: {DROP_BUDGET}, 3: {_P}, 4: {_P}},
+            id="refills-every-event-time-second",
+        ),
+        pytest.param(
+            [budget_trace(1, at_ms=10, lucky=False), budget_trace(2, spans=3, at_ms=20)],
+            {1: {DROP_NOT_SAMPLED}, 2: {_P}},
+            id="not-sampled-uses-nothing",
+        ),
+    ],
+)
+@pytest.mark.parametrize("budget", [3, None])
+def test_the_budget_keeps_what_rules_keep_and_what_chance_keeps_while_its_second_has_room(
+    traces: list[list[SpanRecord]], expected: dict[int, set[str | None]], budget: int | None
+) -> None:
+    sampler = TraceSampler(policy(probability=0.5, budget_spans_per_second=budget))
+    out = decide_all(sampler, [span for trace in traces for span in trace])
+    if budget is None:  # no budget: chance keeps what the budget dropped
+        expected = {n: {_P} if r == {DROP_BUDGET} else r for n, r in expected.items()}
+    assert answers(out) == expected
+    assert sampler.stats.spans_over_budget == sum(i.drop_reason == DROP_BUDGET for i in out)
+
+
+def test_with_only_a_probability_later_spans_follow_and_use_the_budget() -> None:
+    sampler = TraceSampler(policy(keep_errors=False, budget_spans_per_second=3))
+    one, two, three = (trace_id(n, LUCKY) for n in (1, 2, 3))
+    first = [
+        make(trace=one, span=n, parent=None if n == 1 else 1, end_ms=T0_MS + n) for n in (1, 2, 3)
+    ]
+    out = feed(sampler, first)  # decided on its first span; the other two follow, and count
+    out += feed(sampler, [make(trace=two, span=1, end_ms=T0_MS + 10)])
+    late = make(trace=two, span=2, parent=1, end_ms=T0_MS + 2_000)  # follows, in a later second
+    out += sampler.add(late, "planner", 9)
+    out += feed(sampler, [make(trace=three, span=1, end_ms=T0_MS + 1_000)])
+    assert answers(out) == {1: {_P}, 2: {DROP_BUDGET}, 3: {_P}}
+    assert sampler.stats.decided_at_once == 3
+    assert sampler.stats.spans_over_budget == 2
+
+
+def test_drop_now_leaves_budget_answers_to_add() -> None:
+    """What a replay might answer otherwise must reach ``add``, which notes it in the budget."""
+    sampler = TraceSampler(policy(keep_errors=False, budget_spans_per_second=1))
+    kept, over = trace_id(1, LUCKY), trace_id(2, LUCKY)
+    assert sampler.drop_now(make(trace=kept)) is False
+    sampler.add(make(trace=kept), "a", 0)
+    over_root = make(trace=over, span=1)
+    assert sampler.drop_now(over_root) is False
+    [item] = sampler.add(over_root, "a", 1)
+    assert item.drop_reason == DROP_BUDGET
+    assert sampler.drop_now(make(trace=over, span=2, parent=1)) is False  # to add, dropped
+    assert sampler.drop_now(make(trace=trace_id(3, UNLUCKY))) is True  # chance alone: here
+
+
+@pytest.mark.parametrize(
+    ("budget", "kept_seconds"),
+    [
+        (0.5, [0, 2, 4]),  # one trace every two seconds: a slot holds at least one span
+        (1, [0, 1, 2, 3, 4, 5]),
+    ],
+)
+def test_a_budget_under_one_span_a_second_lets_one_span_through_in_a_longer_slot(
+    budget: float, kept_seconds: list[int]
+) -> None:
+    sampler = TraceSampler(policy(keep_errors=False, budget_spans_per_second=budget))
+    out = feed(
+        sampler,
+        [make(trace=trace_id(n + 1, LUCKY), end_ms=T0_MS + 1_000 * n + 500) for n in range(6)],
+    )
+    assert [(item.end_ms - T0_MS) // 1_000 for item in out if item.keep] == kept_seconds
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    plan=st.lists(
+        st.tuples(st.integers(0, 3), st.integers(1, 5), st.booleans(), st.booleans()),
+        max_size=40,
+    ),
+    budget=st.sampled_from([1, 2.5, 6]),
+    at_once=st.booleans(),
+)
+def test_each_second_uses_its_budget_before_chance_drops_anything_and_overshoots_by_one_trace(
+    plan: list[tuple[int, int, bool, bool]], budget: float, at_once: bool
+) -> None:
+    """Traces (second, spans, failed, lucky): kept or dropped whole; a trace that chance alone
+    keeps is dropped only when its second has used its budget; a second goes past its budget
+    by less than one trace, but for what rules keep."""
+    traces = [
+        budget_trace(
+            n + 1, spans=size, at_ms=1_000 * second + 10 * n + 10, error=failed, lucky=lucky
+        )
+        for n, (second, size, failed, lucky) in enumerate(plan)
+    ]
+    sampler = TraceSampler(
+        policy(probability=0.5, keep_errors=not at_once, budget_spans_per_second=budget)
+    )
+    out = decide_all(sampler, [span for trace in traces for span in trace])
+    per_trace = answers(out)
+    assert all(len(reasons) == 1 for reasons in per_trace.values())
+    used: Counter[int] = Counter()  # second -> spans kept, and by rules
+    by_rules: Counter[int] = Counter()
+    for n, (second, size, _, _) in enumerate(plan):
+        [reason] = per_trace[n + 1]
+        if reason in ("error", _P):
+            used[second] += size
+        if reason == "error":
+            by_rules[second] += size
+        if reason == DROP_BUDGET:
+            assert used[second] >= budget  # full before this trace came
+    largest = max((size for _, size, _, _ in plan), default=0)
+    for second, spans in used.items():
+        assert spans - by_rules[second] < budget + largest
 
 
 # --- what a forwarded span carries ---------------------------------------------------------------
@@ -788,18 +923,6 @@ def test_a_rule_that_a_later_span_can_meet_makes_every_trace_wait(rule: dict[str
     sampler = TraceSampler(policy(**{"keep_errors": False, **rule}))
     assert sampler.add(make(trace=trace_id(1, UNLUCKY), span=2, parent=1), "a", 0) == []
     assert sampler.is_buffered(trace_id(1, UNLUCKY).to_bytes(16, "big"))
-
-
-def test_with_only_a_probability_force_keep_before_the_first_span_still_keeps_the_trace() -> None:
-    sampler = TraceSampler(policy(keep_errors=False))
-    trace = trace_id(1, UNLUCKY)
-    sampler.force_keep(trace.to_bytes(16, "big"))
-    spans = [make(trace=trace, span=2, parent=1), make(trace=trace, span=1)]
-    out = decide_all(sampler, spans)
-    assert [(ids(item), item.keep, item.reason) for item in out] == [
-        (ids(spans[0]), True, "exemplar"),
-        (ids(spans[1]), True, "exemplar"),
-    ]
 
 
 def test_drop_now_drops_what_add_would_drop_and_counts_it_once() -> None:

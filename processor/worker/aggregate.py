@@ -1,7 +1,12 @@
-"""Stage 1 adapter: decode messages, feed each partition's aggregator, emit partials.
+"""The aggregate role: decode messages, feed each source partition's aggregator, emit partials
+and kept spans.
 
-The decisions live in ``processor.core``; this module moves bytes between Kafka, the core and
-the sinks, and keeps one ``PartitionAggregator`` per assigned source partition.
+The decisions live in ``processor.core``; this module moves bytes between Kafka and the core,
+and keeps one ``PartitionAggregator`` per assigned source partition. It writes two topics: the
+partials (to finalize) and the kept spans (to forward). Its commit rule mentions neither
+MLflow nor Phoenix: ``tick`` returns, per partition, an offset below which every span is in a
+partial and, if kept, in a kept-span record, both handed to the producer (faust flushes the
+producer, acks=all, before it commits), with the checkpoint a replay from there needs.
 """
 
 from __future__ import annotations
@@ -17,13 +22,13 @@ from processor.core.decoding import decode_spans
 from processor.core.partition import AdvanceResult, Checkpoint, PartitionAggregator
 from processor.core.repartition import SOURCE_HEADER, SourceMarks, parse_source_tag
 from processor.core.rollup import PartialRollup, PartitionProgress
-from processor.core.sampling import SamplingPolicy, TraceSampler, mark_forwarded
+from processor.core.sampling import SampledSpan, SamplingPolicy, TraceSampler, mark_forwarded
 from processor.core.semconv import ExtractionConfig
 from processor.core.spans import DecodedMessage, MessageSource, RejectedSpan
 from processor.errors import InvalidInput
 from processor.sinks.otlp_batch import build_request
-from processor.worker.assignment import ResumeWatch
-from processor.worker.forwarding import SpanForwarder, SpanItem
+from processor.worker.kept_spans import MAX_RECORD_BYTES, KeptSpan, kept_span_records
+from processor.worker.offsets import Commit, PartitionOffsets
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +52,10 @@ SendDeadLetter = Callable[[DeadLetter], Awaitable[None]]
 
 
 async def route_dead_letter(
-    letter: DeadLetter, *, counters: Stage1Counters, send: SendDeadLetter
+    letter: DeadLetter, *, counters: AggregateCounters, send: SendDeadLetter
 ) -> None:
-    """Count a dead letter by reason, log it, send it: the same in stage 0 and stage 1, so
-    /metrics counts every dead letter by reason whichever stage found it."""
+    """Count a dead letter by reason, log it, send it: the same in the repartition and in
+    aggregate, so /metrics counts every dead letter by reason whichever role found it."""
     counters.dead_letters += 1
     reasons = counters.dead_letters_by_reason
     reasons[letter.reason] = reasons.get(letter.reason, 0) + 1
@@ -66,25 +71,31 @@ async def route_dead_letter(
 
 
 @dataclass(slots=True)
-class Stage1Counters:
+class AggregateCounters:
     messages: int = 0
     spans: int = 0
     dead_letters: int = 0
     partials: int = 0
+    kept_spans: int = 0  # written to the sampled topic (a replay writes some again)
+    kept_records: int = 0
     # Never reset (a revocation keeps them): the worker's /metrics reads them.
     messages_by_partition: dict[int, int] = field(default_factory=dict)
     spans_by_partition: dict[int, int] = field(default_factory=dict)
     dead_letters_by_reason: dict[str, int] = field(default_factory=dict)
     skipped_messages: int = 0
-    duplicate_pieces: int = 0  # repartition pieces a stage-0 replay sent again: dropped
+    # With the repartition by trace id: the spans topic's messages it split, the pieces it
+    # wrote, and the pieces that a replay of it wrote again, dropped here.
+    repartitioned_messages: int = 0
+    repartition_pieces: int = 0
+    duplicate_pieces: int = 0
 
 
 def partials_partition_of(agent: str, partitions: int) -> int:
-    """Stage 2 is keyed by agent: every partial of one agent goes to the same partition."""
+    """Finalize is keyed by agent: every partial of one agent goes to the same partition."""
     return zlib.crc32(agent.encode()) % partitions
 
 
-class Stage1:
+class AggregateRole:
     def __init__(
         self,
         *,
@@ -95,13 +106,15 @@ class Stage1:
         max_series_per_window: int,
         partials_partitions: int,
         extraction: ExtractionConfig,
-        forwarder: SpanForwarder | None,
         sampling: SamplingPolicy | None,
         send_partial: SendRecord,
+        send_kept: SendRecord | None,
         send_dead_letter: SendDeadLetter,
         clock: Clock,
         repartitioned: bool = False,
+        max_kept_record_bytes: int = MAX_RECORD_BYTES,
     ) -> None:
+        """``send_kept`` None: nothing goes to Phoenix (forwarding off)."""
         self._window_size_ms = window_size_ms
         self._allowed_lateness_ms = allowed_lateness_ms
         self._idle_timeout_ms = idle_timeout_ms
@@ -111,31 +124,40 @@ class Stage1:
         self._max_series = max_series_per_window
         self._partials_partitions = partials_partitions
         self._extraction = extraction
-        self._forwarder = forwarder
         self._sampling = sampling  # None: every span goes to Phoenix
         self._send_partial = send_partial
+        self._send_kept = send_kept
+        self._max_kept_record_bytes = max_kept_record_bytes
         self._send_dead_letter = send_dead_letter
         self._clock = clock
         self.partitions: dict[int, PartitionAggregator] = {}
-        self._next_offset: dict[int, int] = {}
-        # Reading the repartition topic: the stage-0 pieces taken, per partition.
+        self._offsets = PartitionOffsets(log, "aggregate")
+        # Reading the repartition topic: the repartition's pieces taken, per partition.
         self._repartitioned = repartitioned
         self._marks: dict[int, SourceMarks] = {}
-        self._resume = ResumeWatch(log, stage=1)
-        self.counters = Stage1Counters()
+        self.counters = AggregateCounters()
 
     @property
     def samples(self) -> bool:
         """Whether a sampler decides which spans go to Phoenix (else all of them do)."""
         return self._sampling is not None
 
-    def assign(
-        self, partition: int, checkpoint: Checkpoint | None, committed: int | None = None
-    ) -> None:
-        """Take over ``partition``, resuming from the checkpoint committed with its offset.
+    @property
+    def hands_off_kept(self) -> bool:
+        """Whether kept spans are written to the sampled topic (forwarding is on)."""
+        return self._send_kept is not None
 
-        ``committed`` is the group's committed offset (None: no commit yet), for the log.
-        """
+    def assign(self, partition: int, committed: int | None, metadata: str = "") -> None:
+        """Take over ``partition`` at the group's committed offset (None: no commit yet),
+        resuming from the checkpoint its commit carries."""
+        if committed and not metadata:
+            log.error(
+                "aggregate partition %d was committed at %d without a checkpoint: windows "
+                "open there may be resent incomplete",
+                partition,
+                committed,
+            )
+        checkpoint = Checkpoint.decode(committed or 0, metadata) if metadata else None
         aggregator = PartitionAggregator(
             partition,
             window_size_ms=self._window_size_ms,
@@ -152,25 +174,25 @@ class Stage1:
         )
         if checkpoint is not None:
             aggregator.restore(checkpoint)
-            self._next_offset[partition] = checkpoint.offset
         self._marks[partition] = SourceMarks(checkpoint.sources if checkpoint else ())
         # The idle timeout counts from the assignment: a partition just taken over has not had
         # the chance to deliver anything yet.
         aggregator.watermark.touch(self._clock())
         self.partitions[partition] = aggregator
-        self._resume.expect(partition, committed)
+        self._offsets.assign(
+            partition, committed, checkpoint.offset if checkpoint is not None else None
+        )
 
     def next_offset(self, partition: int) -> int | None:
         """The offset after the last message handled (or the checkpoint's, before any)."""
-        return self._next_offset.get(partition)
+        return self._offsets.next_offset(partition)
 
     def revoke_all(self) -> None:
         # Every rebalance restarts each partition at its committed offset, here or elsewhere:
         # the state is rebuilt from the checkpoint and the replay.
         self.partitions.clear()
-        self._next_offset.clear()
+        self._offsets.revoke_all()
         self._marks.clear()
-        self._resume.clear()
 
     async def handle(
         self,
@@ -181,15 +203,22 @@ class Stage1:
         headers: Mapping[str, bytes],
     ) -> None:
         aggregator = self.partitions.get(partition)
-        expected = self._next_offset.get(partition)
-        if aggregator is None or (expected is not None and offset < expected):
-            # Read before a rebalance took the partition away, or already seen: whoever owns
-            # the partition now reads it again from the committed offset.
+        if aggregator is None or not self._offsets.accept(partition, offset):
             self.counters.skipped_messages += 1
             return
-        self._resume.handled(partition, offset)
+        with self._offsets.busy(partition, offset):
+            await self._handle(aggregator, partition, offset, key, value, headers)
+
+    async def _handle(
+        self,
+        aggregator: PartitionAggregator,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Mapping[str, bytes],
+    ) -> None:
         counters = self.counters
-        self._next_offset[partition] = offset + 1
         if self._repartitioned and self._is_duplicate(partition, offset, headers):
             counters.duplicate_pieces += 1
             return
@@ -246,22 +275,28 @@ class Stage1:
             partition, 0
         ) + len(decoded.spans)
         aggregator.add(offset, decoded.spans, self._clock())
-        await self._forward(partition, aggregator)
+        await self._hand_off_kept(partition, aggregator)
 
     def _is_duplicate(self, partition: int, offset: int, headers: Mapping[str, bytes]) -> bool:
         tag = headers.get(SOURCE_HEADER)
         parsed = parse_source_tag(tag) if tag is not None else None
         if parsed is None:
-            return False  # not from stage 0: nothing to compare with
+            return False  # not from the repartition: nothing to compare with
         source_partition, mark = parsed
         return not self._marks[partition].take(offset, source_partition, mark)
 
-    async def _forward(self, partition: int, aggregator: PartitionAggregator) -> None:
-        """Send the spans whose trace was just kept to Phoenix, per source message."""
+    async def _hand_off_kept(self, partition: int, aggregator: PartitionAggregator) -> None:
+        """Write the spans whose trace was just kept to the sampled topic, marked."""
         kept = aggregator.take_kept()
-        if self._forwarder is None or not kept:
+        if self._send_kept is None or not kept:
             return
-        by_offset: dict[int, list[SpanItem]] = {}
+        # Out of the aggregator, not yet in the producer: the commit waits for them.
+        with self._offsets.busy(partition, min(item.offset for item in kept)):
+            await self._write_kept(kept)
+
+    async def _write_kept(self, kept: list[SampledSpan]) -> None:
+        assert self._send_kept is not None
+        spans: list[KeptSpan] = []
         held: dict[int, MessageSource] = {}
         for item in kept:
             source = item.source
@@ -271,12 +306,15 @@ class Stage1:
             pb = item.pb
             if item.reason is not None:  # a sampler decided: say why on the span
                 mark_forwarded(pb, item)
-            by_offset.setdefault(item.offset, []).append((item.origin, pb))
-        # The items hold their spans: a message handled meanwhile may release a source.
+            spans.append(KeptSpan(item.trace_id, item.origin, pb))
+        records = kept_span_records(spans, max_record_bytes=self._max_kept_record_bytes)
+        # Encoded: the records hold their own bytes, and a source may be released.
         for source in held.values():
             source.release()
-        for offset, items in by_offset.items():
-            await self._forwarder.add(items, partition=partition, offset=offset)
+        self.counters.kept_spans += len(spans)
+        self.counters.kept_records += len(records)
+        for key, value in records:
+            await self._send_kept(key, value, None)
 
     async def _reject_spans(
         self, rejected: list[RejectedSpan], partition: int, offset: int, key: bytes | None
@@ -300,31 +338,33 @@ class Stage1:
             send=self._send_dead_letter,
         )
 
-    async def tick(self, caught_up: Callable[[int], bool]) -> dict[int, Checkpoint]:
-        """Advance every partition's watermark, send what closed, return safe checkpoints.
+    async def tick(self, caught_up: Callable[[int], bool]) -> dict[int, Commit]:
+        """Advance every partition's watermark, send what closed, return what to commit.
 
-        A checkpoint's offset has everything before it in a partial handed to the producer
-        (faust flushes the producer before it commits) and accepted by Phoenix.
+        A commit's offset has every span before it in a partial and, if kept, in a kept-span
+        record, both handed to the producer; its metadata is the checkpoint to resume from.
         """
         now = self._clock()
-        checkpoints: dict[int, Checkpoint] = {}
+        commits: dict[int, Commit] = {}
         for partition, aggregator in list(self.partitions.items()):
             result = aggregator.advance(now, caught_up=caught_up(partition))
             await self._emit(result)
-            await self._forward(partition, aggregator)
-            next_offset = self._next_offset.get(partition)
+            await self._hand_off_kept(partition, aggregator)
+            next_offset = self._offsets.next_offset(partition)
             if next_offset is None or self.partitions.get(partition) is not aggregator:
                 continue  # nothing read yet, or revoked while we were sending
-            limit = (
-                self._forwarder.pending_offset(partition) if self._forwarder is not None else None
-            )
-            checkpoint = aggregator.checkpoint(next_offset, limit=limit)
+            busy = self._offsets.busy_from(partition)
+            if busy is not None and busy < next_offset:
+                next_offset = busy  # a message handled or kept spans sent right now
+            # The core owns the rest of the safe offset: open windows, traces that may still
+            # change them, undecided traces (see PartitionAggregator.checkpoint).
+            checkpoint = aggregator.checkpoint(next_offset)
             marks = self._marks.get(partition)
             if self._repartitioned and marks is not None:
                 checkpoint = replace(checkpoint, sources=marks.as_of(checkpoint.offset))
                 marks.forget_before(checkpoint.offset)
-            checkpoints[partition] = checkpoint
-        return checkpoints
+            commits[partition] = Commit(checkpoint.offset, checkpoint.encode())
+        return commits
 
     async def _emit(self, result: AdvanceResult) -> None:
         for partial in result.partials:
@@ -338,7 +378,7 @@ class Stage1:
         await self._send_partial(partial.key(), partial.to_bytes(), target)
 
     async def _broadcast_progress(self, progress: PartitionProgress) -> None:
-        # Every stage-2 partition must learn how far this source partition has got.
+        # Every finalize partition must learn how far this source partition has got.
         key, value = progress.key(), progress.to_bytes()
         for target in range(self._partials_partitions):
             await self._send_partial(key, value, target)

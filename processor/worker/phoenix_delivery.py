@@ -1,12 +1,14 @@
 """Forward kept spans to Phoenix in batches, without losing one and without unbounded memory.
 
-``SpanForwarder`` is what stage 1 talks to:
+``SpanForwarder`` is what the forward role talks to (the partition and offset are those of the
+sampled topic):
 
 - ``add(spans, partition=, offset=)`` buffers one Kafka message's kept spans in its project's
   batch (the resource's ``openinference.project.name``, else the default project). A batch is
   sent when it holds ``batch_spans`` spans, or ``batch_interval_s`` after its first span (by
   the timer task ``start()`` runs). At most ``max_in_flight`` requests are out at once; beyond
-  that ``add`` waits, which is the backpressure that pauses consumption while Phoenix is slow.
+  that ``add`` waits (``saturated`` says so beforehand): the backpressure that pauses the
+  forward role's reading while Phoenix is slow.
 - ``pending_offset(partition)`` is the smallest offset of the partition with a span not yet
   settled. A span is settled when Phoenix has written it (not merely answered 2xx: see
   ``StoreConfirmer``; a batch accepted but not written, because Phoenix stopped with it in its
@@ -176,7 +178,7 @@ class SpanForwarder:
         self._told_unsupported = False
         self.stats = ForwarderStats()
 
-    # -- the stage-1 side ------------------------------------------------------------------
+    # -- the forward role's side ------------------------------------------------------------------
 
     async def start(self, *, check_access: bool = True) -> None:
         """Start the batch timer. With ``check_access``, first send Phoenix an empty request:
@@ -301,6 +303,11 @@ class SpanForwarder:
     @property
     def in_flight(self) -> int:
         return len(self._tasks)
+
+    @property
+    def saturated(self) -> bool:
+        """Whether every request slot is taken: a full batch added now would wait."""
+        return self._slots.locked()
 
     # -- inside ----------------------------------------------------------------------------
 

@@ -1,4 +1,10 @@
-"""Stage 2 adapter: merge partials per stage-2 partition and write final windows to MLflow."""
+"""The finalize role: merge the partials of every source partition and write final windows to
+MLflow.
+
+Its commit rule: an offset of the partials topic is safe once every partial before it is in a
+window MLflow took (or superseded by its twin); the commit's metadata says how far windows
+are final (``finalized_until_ms``), so a replay does not write them again incomplete.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +13,14 @@ import logging
 from collections import deque
 from dataclasses import dataclass
 
+import orjson
+
 from processor.clock import Clock
 from processor.core.merge import RollupMerger
 from processor.core.rollup import FinalRollup, PartitionProgress, parse_stage_record
 from processor.errors import RetryableExportError
 from processor.sinks.mlflow_writer import RollupWriter
-from processor.worker.assignment import ResumeWatch
+from processor.worker.offsets import Commit, PartitionOffsets
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +39,7 @@ class WrittenWindow:
     errors: int
 
 
-class Stage2:
+class FinalizeRole:
     def __init__(
         self,
         *,
@@ -49,9 +57,8 @@ class Stage2:
         self._retry_base_s = retry_base_s
         self._retry_max_s = retry_max_s
         self.mergers: dict[int, RollupMerger] = {}
-        self._next_offset: dict[int, int] = {}
         # The partials topic is compacted: its first record need not be at the commit.
-        self._resume = ResumeWatch(log, stage=2, compacted=True)
+        self._offsets = PartitionOffsets(log, "finalize", compacted=True)
         self.windows_written = 0
         self.write_retries = 0
         self.bad_records = 0
@@ -59,17 +66,16 @@ class Stage2:
         self.freshness_ms_sum = 0
         self.recent_windows: deque[WrittenWindow] = deque(maxlen=RECENT_WINDOWS)
 
-    def assign(
-        self, partition: int, finalized_until_ms: int | None, committed: int | None = None
-    ) -> None:
+    def assign(self, partition: int, committed: int | None, metadata: str = "") -> None:
+        """Take over ``partition`` at the group's committed offset (None: no commit yet),
+        with the finalised-until mark its commit carries."""
         merger = self._merger(partition)
-        merger.finalized_until_ms = finalized_until_ms
-        self._resume.expect(partition, committed)
+        merger.finalized_until_ms = finalized_until(metadata)
+        self._offsets.assign(partition, committed)
 
     def revoke_all(self) -> None:
         self.mergers.clear()
-        self._next_offset.clear()
-        self._resume.clear()
+        self._offsets.revoke_all()
 
     def _merger(self, partition: int) -> RollupMerger:
         merger = self.mergers.get(partition)
@@ -80,15 +86,12 @@ class Stage2:
         return merger
 
     def handle(self, partition: int, offset: int, value: bytes) -> None:
-        expected = self._next_offset.get(partition)
-        if partition not in self.mergers or (expected is not None and offset < expected):
+        if partition not in self.mergers or not self._offsets.accept(partition, offset):
             return  # read before a rebalance took the partition away, or already seen
-        self._resume.handled(partition, offset)
-        self._next_offset[partition] = offset + 1
         try:
             record = parse_stage_record(value)
         except (ValueError, KeyError, TypeError) as exc:
-            # Only stage 1 writes this topic: a bad record is a bug or a foreign writer.
+            # Only aggregate writes this topic: a bad record is a bug or a foreign writer.
             self.bad_records += 1
             log.error("ignoring a record of the partials topic that is not ours: %s", exc)
             return
@@ -98,8 +101,8 @@ class Stage2:
         else:
             merger.add_partial(record, self._clock(), offset)
 
-    async def tick(self) -> dict[int, tuple[int, int | None]]:
-        """Write final windows; return, per partition, the safe offset and finalized-until."""
+    async def tick(self) -> dict[int, Commit]:
+        """Write final windows; return, per partition, the offset to commit and its mark."""
         now = self._clock()
         finals: list[FinalRollup] = []
         mergers = list(self.mergers.items())
@@ -107,15 +110,17 @@ class Stage2:
             finals.extend(merger.ready(now))
         if finals:
             await self._write(finals)
-        safe: dict[int, tuple[int, int | None]] = {}
+        commits: dict[int, Commit] = {}
         for partition, merger in mergers:
-            next_offset = self._next_offset.get(partition)
-            if next_offset is None or self.mergers.get(partition) is not merger:
+            if self.mergers.get(partition) is not merger:
+                continue  # revoked while MLflow was written
+            offset = self._offsets.safe(partition, merger.min_pending_offset())
+            if offset is None:
                 continue
-            pending = merger.min_pending_offset()
-            offset = next_offset if pending is None else min(pending, next_offset)
-            safe[partition] = (offset, merger.finalized_until_ms)
-        return safe
+            until = merger.finalized_until_ms
+            metadata = "" if until is None else f'{{"finalized_until_ms":{until}}}'
+            commits[partition] = Commit(offset, metadata)
+        return commits
 
     async def _write(self, finals: list[FinalRollup]) -> None:
         # Never drop a window: while MLflow is down, wait and try again (the partials topic
@@ -157,3 +162,14 @@ class Stage2:
                         },
                     )
                 return
+
+
+def finalized_until(metadata: str) -> int | None:
+    """The ``finalized_until_ms`` a finalize commit carries (None: none, or not ours)."""
+    if not metadata:
+        return None
+    try:
+        value = orjson.loads(metadata).get("finalized_until_ms")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

@@ -1,26 +1,25 @@
-"""Stage 0 adapter: the repartition by trace id, for producers that do not key by trace.
+"""The repartition, part of the aggregate role: rekey by trace id for producers that do not.
 
 Runs only with ``PROCESSOR_REPARTITION_BY_TRACE_ID``. Each message of the spans topic is
 decoded, split per trace (``processor.core.repartition``) and published to the repartition
-topic keyed by trace id, with a tag saying where it came from; stage 1 reads that topic. A
-message that does not decode goes to the dead-letter topic with its reason, as in stage 1.
+topic keyed by trace id, with a tag saying where it came from; aggregate reads that topic. A
+message that does not decode goes to the dead-letter topic with its reason, as in aggregate.
 The spans-topic offset is committed by faust after it has flushed the producer, so a piece is
 in Kafka before the message it came from counts as done; the duplicates a replay makes are
-dropped by stage 1.
+dropped by aggregate.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 
 from processor.core.decoding import decode_request
 from processor.core.repartition import SOURCE_HEADER, source_tag, split_by_trace
 from processor.errors import InvalidInput
-from processor.worker.stage1 import (
+from processor.worker.aggregate import (
+    AggregateCounters,
     DeadLetter,
     SendDeadLetter,
-    Stage1Counters,
     route_dead_letter,
 )
 
@@ -29,26 +28,18 @@ PROTOBUF = b"application/x-protobuf"
 SendPiece = Callable[[bytes, bytes, dict[str, bytes]], Awaitable[None]]  # key, value, headers
 
 
-@dataclass(slots=True)
-class Stage0Counters:
-    messages: int = 0
-    pieces: int = 0
-    spans: int = 0
-
-
 class Repartitioner:
     def __init__(
         self,
         *,
         send_piece: SendPiece,
         send_dead_letter: SendDeadLetter,
-        dead_letter_counters: Stage1Counters,
+        counters: AggregateCounters,
     ) -> None:
         self._send_piece = send_piece
         self._send_dead_letter = send_dead_letter
-        # Stage 1's counters: /metrics reports every dead letter by reason, whichever stage.
-        self._dead_letter_counters = dead_letter_counters
-        self.counters = Stage0Counters()
+        # Aggregate's counters: /metrics reports every dead letter by reason, whichever role.
+        self.counters = counters
 
     async def handle(
         self,
@@ -59,7 +50,7 @@ class Repartitioner:
         headers: Mapping[str, bytes],
     ) -> None:
         counters = self.counters
-        counters.messages += 1
+        counters.repartitioned_messages += 1
         payload = value or b""
         content_type = headers.get("content-type")
         try:
@@ -69,13 +60,12 @@ class Repartitioner:
         except InvalidInput as exc:
             await route_dead_letter(
                 DeadLetter(payload, exc.reason, exc.detail, partition, offset, key),
-                counters=self._dead_letter_counters,
+                counters=counters,
                 send=self._send_dead_letter,
             )
             return
         for index, piece in enumerate(split_by_trace(request)):
-            counters.pieces += 1
-            counters.spans += piece.span_count
+            counters.repartition_pieces += 1
             await self._send_piece(
                 piece.key,
                 piece.request.SerializeToString(),
