@@ -1,4 +1,4 @@
-"""Throughput of the pure core on one core: decode + extract, and stage-1 aggregation.
+"""Throughput of the pure core on one core: decode + extract, and aggregation (the aggregate role).
 
 Prints spans per second; asserts nothing. Run from the project root:
 

@@ -58,7 +58,7 @@ from processor.worker.gc_tuning import tune_for_throughput
 START_MS = 1_700_000_000_000
 NS_PER_MS = 1_000_000
 CONTENT_TYPE = "application/x-protobuf"
-# Mirrors the worker's stage 1: traces are remembered for late children at least this long.
+# Mirrors the worker's aggregate role: traces are remembered for late children at least this long.
 MIN_TRACE_TTL_MS = 10_000
 UNKNOWN_REASON = "?"  # kept, but every span was rate limited: the reason never showed
 
@@ -230,7 +230,7 @@ class RecordingSampler(TraceSampler):
 def new_aggregator(
     policy: SamplingPolicy | None, settings: WorkerSettings, max_traces: int
 ) -> PartitionAggregator:
-    """A partition's aggregator built as the worker's stage 1 builds it."""
+    """A partition's aggregator built as the worker's aggregate role builds it."""
     ttl_ms = max(settings.allowed_lateness_ms, MIN_TRACE_TTL_MS)
     return PartitionAggregator(
         0,

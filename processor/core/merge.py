@@ -1,4 +1,4 @@
-"""Stage 2: merge the partials of every source partition into final window rollups.
+"""Finalize: merge the partials of every source partition into final window rollups.
 
 ``RollupMerger`` keeps, per (series, window), the latest partial of each source partition (a
 replayed partial replaces its twin, so nothing is counted twice) and each partition's progress.
@@ -8,7 +8,7 @@ marked incomplete.
 
 After a restart the merger replays its input from the committed offset. ``finalized_until``
 (stored with the commit) says which windows were already written: a partial for one of them
-is the twin of one already merged, re-sent by a stage-1 replay, and is ignored.
+is the twin of one already merged, re-sent by a replay of aggregate, and is ignored.
 """
 
 from __future__ import annotations

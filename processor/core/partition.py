@@ -1,4 +1,4 @@
-"""Stage 1 for one source partition: attribute spans, aggregate per window, close windows.
+"""Aggregate for one source partition: attribute spans, aggregate per window, close windows.
 
 ``PartitionAggregator`` is pure: the worker feeds it decoded spans with their offsets and the
 wall-clock time, and asks it to ``advance``; it answers with the partial rollups of the windows

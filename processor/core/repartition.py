@@ -2,13 +2,13 @@
 
 A Collector's Kafka exporter without ``partition_traces_by_id`` writes whole batches, unkeyed,
 to any partition: the spans of one trace can sit in several messages on several partitions,
-while trace assembly needs them all on one. Stage 0 therefore splits each message per trace
+while trace assembly needs them all on one. The repartition therefore splits each message per trace
 and publishes the pieces keyed by trace id (the key ``processor.publishing`` uses), so that
 the usual partitioner puts every piece of a trace on the same partition of the repartition
-topic, where stage 1 reads them.
+topic, where aggregate reads them.
 
 Each piece is tagged with where it came from, ``<partition>:<offset>:<piece>``. A stage-0
-replay after a crash publishes the same pieces again, in the same order; stage 1 drops a piece
+replay after a crash publishes the same pieces again, in the same order; aggregate drops a piece
 at or below the highest tag it has already taken from that source partition (``SourceMarks``),
 so nothing is counted twice without Kafka transactions.
 """
@@ -37,7 +37,7 @@ class TracePiece:
 def split_by_trace(request: ExportTraceServiceRequest) -> list[TracePiece]:
     """One request per trace id, in order of first appearance; resources, scopes and schema
     URLs kept, spans unchanged. Spans without a valid trace id travel together under the key
-    of their bytes, so stage 1 dead-letters them with its reason."""
+    of their bytes, so aggregate dead-letters them with its reason."""
     pieces: dict[bytes, tuple[ExportTraceServiceRequest, dict[tuple[int, int], ScopeSpans]]] = {}
     counts: dict[bytes, int] = {}
     for r, resource_spans in enumerate(request.resource_spans):

@@ -1,7 +1,7 @@
-"""Records that travel from stage 1 to stage 2, and the final rollup stage 2 produces.
+"""Records that travel from aggregate to finalize, and the final rollup finalize produces.
 
 Partials are keyed by (agent, dimensions, window, source partition): a partial replayed after a
-crash carries the same key and replaces its twin. Progress marks tell stage 2 how far each
+crash carries the same key and replaces its twin. Progress marks tell finalize how far each
 source partition has closed its windows. Both serialise to canonical JSON (sorted keys), so a
 partial rebuilt from the same spans is the same bytes. The schema is in ``schemas/``.
 """
@@ -40,7 +40,7 @@ class PartialRollup:
         return self.window_start_ms + self.window_size_ms
 
     def key(self) -> bytes:
-        # The agent leads the key so the default partitioner keeps one agent on one stage-2
+        # The agent leads the key so the default partitioner keeps one agent on one finalize
         # partition; the rest makes replays replace their twin in the compacted topic.
         return orjson.dumps(
             [

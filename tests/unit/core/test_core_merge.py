@@ -1,4 +1,4 @@
-"""Stage 2: partials of every source partition merge into one final rollup per series and window.
+"""Finalize: partials of every source partition merge into one final rollup per series and window.
 
 What a user relies on: a replayed partial never counts twice; a window is final (and complete)
 only when every source partition has closed it; a silent partition delays it at most
@@ -64,7 +64,7 @@ def test_a_replayed_partial_replaces_its_twin() -> None:
     m = merger(partitions=2)
     m.add_partial(partial(0, spans=3), now_ms=0)
     m.add_partial(partial(1, spans=4), now_ms=0)
-    m.add_partial(partial(0, spans=3), now_ms=5)  # stage 1 of partition 0 replayed
+    m.add_partial(partial(0, spans=3), now_ms=5)  # aggregate of partition 0 replayed
     m.add_progress(closed(0, W + SIZE))
     m.add_progress(closed(1, W + SIZE))
 
@@ -126,7 +126,7 @@ def test_a_twin_replayed_after_its_window_was_written_changes_nothing() -> None:
     m.add_progress(closed(1, W + SIZE))
     [first] = m.ready(now_ms=1)
 
-    # stage 1 of partition 0 crashed before committing and sends its partial again
+    # aggregate of partition 0 crashed before committing and sends its partial again
     m.add_partial(partial(0, spans=3), now_ms=2)
     m.add_progress(closed(0, W + SIZE))
     again = m.ready(now_ms=2 + MAX_WAIT)

@@ -1,4 +1,4 @@
-"""Stage 1 for one source partition: spans in, partial rollups out when windows close.
+"""The aggregate role for one source partition: spans in, partial rollups out when windows close.
 
 What a user relies on: every span is counted once, in the window holding its end time, or in
 ``late_spans`` when its window had already closed; dimensions split series up to a limit, past
@@ -307,21 +307,21 @@ def test_every_span_is_counted_once_in_spans_or_late_spans(
 
 
 @dataclass
-class Stage1Run:
+class AggregateRun:
     partials: list[PartialRollup]  # every partial sent, before the crash and after
     kept: list[SampledSpan]  # every span kept (to Phoenix) after the restart
     checkpoint: Checkpoint | None  # the one restarted from
 
 
-def run_stage1(
+def run_aggregate(
     messages: list[list[SpanRecord]],
     *,
     crash_at: int | None = None,
     added_after_tick: int = 0,
     sampling: SamplingPolicy | None = None,
     trace_ttl_ms: int | None = None,
-) -> Stage1Run:
-    """What stage 1 sends; with ``crash_at``, the worker dies before that message and a fresh
+) -> AggregateRun:
+    """What aggregate sends; with ``crash_at``, the worker dies before that message and a fresh
     one replays from the committed checkpoint.
 
     ``added_after_tick`` messages before the crash are added after the last tick (``advance``)
@@ -348,11 +348,11 @@ def run_stage1(
         sent += agg.advance(offset, caught_up=False).partials
         kept += agg.take_kept()
     sent += flush(agg)
-    return Stage1Run(sent, kept + agg.take_kept(), checkpoint)
+    return AggregateRun(sent, kept + agg.take_kept(), checkpoint)
 
 
 def merged(partials: list[PartialRollup]) -> dict[tuple[SeriesKey, int], dict[str, object]]:
-    """What stage 2 keeps: the last partial per key (a twin replaces its predecessor)."""
+    """What finalize keeps: the last partial per key (a twin replaces its predecessor)."""
     latest = {p.key(): p for p in partials}
     return {(p.series, p.window_start_ms): p.aggregate.to_state() for p in latest.values()}
 
@@ -376,8 +376,8 @@ def test_a_crash_and_replay_from_the_checkpoint_gives_the_same_partials(
     messages: list[list[SpanRecord]], crash: int, added_after_tick: int
 ) -> None:
     crash_at = min(crash, len(messages))
-    clean = run_stage1(messages).partials
-    replayed = run_stage1(
+    clean = run_aggregate(messages).partials
+    replayed = run_aggregate(
         messages, crash_at=crash_at, added_after_tick=min(added_after_tick, crash_at)
     ).partials
 
@@ -500,8 +500,8 @@ def test_a_crash_and_replay_with_a_sampler_counts_sampled_and_dropped_spans_once
             for spans in messages
         ]
     crash_at = min(crash, len(messages))
-    clean = run_stage1(messages, sampling=policy)
-    replayed = run_stage1(
+    clean = run_aggregate(messages, sampling=policy)
+    replayed = run_aggregate(
         messages,
         crash_at=crash_at,
         added_after_tick=min(added_after_tick, crash_at),
@@ -578,8 +578,8 @@ def test_with_a_span_budget_a_replay_sends_the_same_partials_and_keeps_the_same_
 ) -> None:
     policy = SAMPLINGS[sampling]
     crash_at = min(crash, len(messages))
-    clean = run_stage1(messages, sampling=policy, trace_ttl_ms=trace_ttl_ms)
-    replayed = run_stage1(
+    clean = run_aggregate(messages, sampling=policy, trace_ttl_ms=trace_ttl_ms)
+    replayed = run_aggregate(
         messages,
         crash_at=crash_at,
         added_after_tick=min(added_after_tick, crash_at),

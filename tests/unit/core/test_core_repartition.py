@@ -1,6 +1,6 @@
 """The repartition by trace id: a Collector batch splits into one piece per trace, every span
 once, with its resource and scope; and a stage-0 replay's copies are dropped, exactly as the
-first run dropped them, even after stage 1 itself restarts from a checkpoint."""
+first run dropped them, even after aggregate itself restarts from a checkpoint."""
 
 from __future__ import annotations
 
@@ -101,7 +101,7 @@ def _run(marks: SourceMarks, log: list[tuple[int, int, tuple[int, int]]]) -> lis
 
 
 def test_a_stage_0_replay_sends_copies_that_are_dropped() -> None:
-    # Source partition 0 sends pieces of offsets 10, 11, 12; stage 0 crashes after 12 and
+    # Source partition 0 sends pieces of offsets 10, 11, 12; the repartition crashes after 12 and
     # replays from 11: the copies of 11 and 12 come again, then 13 is new.
     log = [
         (0, 0, (10, 0)),
