@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
+from time import monotonic
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer
@@ -168,6 +169,10 @@ class _CheckpointingConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         except Exception as exc:  # faust's own _commit treats every failure as "not committed"
             log.warning("offset commit failed, will retry: %r", exc)
             return False
+        # faust's stuck-consumer check reads this; without it, it logs "Has not committed ...
+        # at all since worker start" as an ERROR every few minutes for committed partitions.
+        now = monotonic()
+        self.tp_last_committed_at.update({tp: now for tp in offsets if tp in assignment})
         return True
 
 

@@ -101,6 +101,9 @@ class ForwardConsumer(mode.Service):
         self._consumer: AIOKafkaConsumer | None = None
         self._committed: dict[int, int] = {}
         self._paused = False
+        # While paused the consumer fetches nothing, so its high watermarks stand still: the
+        # lag is then read from the broker's end offsets instead.
+        self._end_offsets: dict[int, int] = {}
         self.joined = False
         self.rebalancing = False
         self.commit_failures = 0
@@ -161,6 +164,8 @@ class ForwardConsumer(mode.Service):
             if time.monotonic() - last_commit >= COMMIT_INTERVAL_S:
                 last_commit = time.monotonic()
                 await self._commit()
+                if self._paused:
+                    await self._refresh_end_offsets(consumer)
 
     def _pause_while_full(self, consumer: AIOKafkaConsumer) -> None:
         full = self.role.forwarder.saturated
@@ -172,6 +177,17 @@ class ForwardConsumer(mode.Service):
         else:
             consumer.resume(*assignment)
         self._paused = full
+
+    async def _refresh_end_offsets(self, consumer: AIOKafkaConsumer) -> None:
+        assignment = list(consumer.assignment())
+        if not assignment:
+            return
+        try:
+            ends = await consumer.end_offsets(assignment)
+        except KafkaError as exc:
+            log.debug("could not read the sampled topic's end offsets: %r", exc)
+            return
+        self._end_offsets = {tp.partition: offset for tp, offset in ends.items()}
 
     async def _commit(self) -> None:
         consumer = self._consumer
@@ -203,6 +219,7 @@ class ForwardConsumer(mode.Service):
         self.role.revoke(partitions)
         for partition in partitions:
             self._committed.pop(partition, None)
+            self._end_offsets.pop(partition, None)
 
     async def assigned(self, assigned: list[TopicPartition]) -> None:
         consumer = self._consumer
@@ -233,6 +250,9 @@ class ForwardConsumer(mode.Service):
                 highwater = consumer.highwater(tp)
             except Exception:  # just revoked
                 highwater = None
+            end = self._end_offsets.get(partition)
+            if end is not None and (highwater is None or end > highwater):
+                highwater = end
             found.append(
                 ConsumerPosition(topic, partition, highwater, self._committed.get(partition))
             )
