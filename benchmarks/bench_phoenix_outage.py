@@ -221,6 +221,14 @@ def main() -> None:
     )
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument(
+        "--keep-errors",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep every trace with an error (the default policy); with --no-keep-errors only "
+        "the 10%% probability keeps a trace, so it is decided on its first span and no window "
+        "waits for a decision",
+    )
+    parser.add_argument(
         "--catch-up-timeout-s",
         type=float,
         default=3600.0,
@@ -388,6 +396,7 @@ def _worker_env(
             "PROCESSOR_PHOENIX_PROJECT": name,
             "PROCESSOR_WINDOW_SIZE_MS": str(WINDOW_MS),
             "PROCESSOR_ALLOWED_LATENESS_MS": str(args.lateness_ms),
+            "PROCESSOR_SAMPLING_KEEP_ERRORS": "true" if args.keep_errors else "false",
             "PROCESSOR_PROGRESS_LOG_INTERVAL_S": "1",
             "PROCESSOR_LOG_FORMAT": "json",
             # Any free port, found in the log: other workers on this machine hold 9464 and up.

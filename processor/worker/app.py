@@ -242,7 +242,7 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
             await gate.wait(tp)
 
     if "aggregate" in roles:
-        _aggregate_agents(app, settings, aggregate, aggregate_topic, spans_topic, set_up, ledger)
+        _aggregate_agents(app, settings, aggregate, aggregate_topic, set_up, ledger)
         if settings.repartition_by_trace_id:
             _repartition_agent(
                 app, settings, aggregate, aggregate_topic, spans_topic, dead_letter_sender
@@ -320,7 +320,6 @@ def _aggregate_agents(
     settings: WorkerSettings,
     aggregate: AggregateRole,
     aggregate_topic: Any,
-    spans_topic: Any,
     set_up: Callable[[TP], Awaitable[None]],
     ledger: CommitLedger,
 ) -> None:
