@@ -108,7 +108,7 @@ class WorkerSettings(KafkaClientSettings):
         ge=60_000,
         description=(
             "Retention of the sampled topic: how long Phoenix may be away before kept spans "
-            "are lost (counted in phoenix_spans_lost_to_retention)."
+            "are lost (counted in trace_processor_forward_records_lost_total)."
         ),
     )
     roles: list[Role] = Field(

@@ -244,7 +244,7 @@ def _extract(
         # Copies: the origin outlives the parsed request, which it must not keep alive.
         resource = Resource()
         resource.CopyFrom(resource_spans.resource)
-        service_name, project, resource_dimensions = _resource_values(
+        service_name, project, resource_dimensions = resource_values(
             resource.attributes, config.dimension_attributes
         )
         for scope_spans in resource_spans.scope_spans:
@@ -506,7 +506,7 @@ def _dimension_of(value: AnyValue | None, fallback: str) -> str:
     return fallback if scalar is None else str(scalar)
 
 
-def _resource_values(
+def resource_values(
     attributes: Any, dimension_names: tuple[str, ...]
 ) -> tuple[str | None, str | None, dict[str, str]]:
     """``service.name``, the OpenInference project and the dimension values of a resource."""

@@ -20,7 +20,7 @@ from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from processor.core import semconv
+from processor.core.decoding import resource_values
 from processor.core.spans import SpanOrigin
 from processor.errors import InvalidInput
 from processor.sinks.otlp_batch import build_request
@@ -85,7 +85,7 @@ def spans_of_record(value: bytes) -> list[SpanItem]:
     for resource_spans in request.resource_spans:
         resource = Resource()
         resource.CopyFrom(resource_spans.resource)
-        project = _project_of(resource)
+        service_name, project, _ = resource_values(resource.attributes, ())
         for scope_spans in resource_spans.scope_spans:
             scope = InstrumentationScope()
             scope.CopyFrom(scope_spans.scope)
@@ -94,7 +94,7 @@ def spans_of_record(value: bytes) -> list[SpanItem]:
                 scope=scope,
                 resource_schema_url=resource_spans.schema_url,
                 scope_schema_url=scope_spans.schema_url,
-                service_name=None,  # the forward role routes by project only
+                service_name=service_name,
                 project=project,
             )
             items.extend((origin, span) for span in scope_spans.spans)
@@ -109,10 +109,3 @@ def _origin_bytes(origin: SpanOrigin) -> int:
         + len(origin.scope_schema_url)
         + _ORIGIN_FRAMING_BYTES
     )
-
-
-def _project_of(resource: Resource) -> str | None:
-    for kv in resource.attributes:
-        if kv.key == semconv.PROJECT_NAME and kv.value.WhichOneof("value") == "string_value":
-            return kv.value.string_value or None
-    return None

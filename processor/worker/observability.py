@@ -225,6 +225,16 @@ class ConsumerPosition:
     position: int | None  # next offset this worker reads
 
 
+def forward_lag(positions: Iterable[ConsumerPosition]) -> dict[int, int]:
+    """Records not yet in Phoenix per sampled partition: high watermark minus the commit
+    (the forward role reports its committed offset as its position)."""
+    return {
+        p.partition: max(0, p.highwater - (p.position or 0))
+        for p in positions
+        if p.highwater is not None
+    }
+
+
 class RoleCollector(Collector):
     """Prometheus metrics read from the roles and the consumers at scrape time.
 
@@ -438,10 +448,8 @@ class RoleCollector(Collector):
             "Records of the sampled topic not yet in Phoenix (high watermark minus commit).",
             labels=["partition"],
         )
-        for position in forward.positions():
-            if position.highwater is not None:
-                behind = position.highwater - (position.position or 0)
-                lag.add_metric([str(position.partition)], max(0, behind))
+        for partition, behind in sorted(forward_lag(forward.positions()).items()):
+            lag.add_metric([str(partition)], behind)
         yield lag
         oldest = forward.role.oldest_pending_ms()
         yield _gauge(
@@ -936,11 +944,7 @@ class ObservabilityService(mode.Service):
         if forward is not None:
             oldest = forward.role.oldest_pending_ms()
             forwarding = {
-                "lag_messages": sum(
-                    max(0, p.highwater - (p.position or 0))
-                    for p in forward.positions()
-                    if p.highwater is not None
-                ),
+                "lag_messages": sum(forward_lag(forward.positions()).values()),
                 "oldest_unforwarded_age_s": (
                     None if oldest is None else max(0.0, time.time() - oldest / 1000)
                 ),

@@ -17,6 +17,9 @@ import pytest
 from processor.settings import StackSettings
 from processor.stack import LocalStack, StackEndpoints
 
+# support.py holds shared assertions: rewrite them as pytest does a test's, for their messages.
+pytest.register_assert_rewrite("tests.integration.support")
+
 _names = itertools.count()
 
 

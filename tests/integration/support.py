@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import httpx
+import pytest
 from mlflow.tracking import MlflowClient
 
 from processor.stack import StackEndpoints
@@ -36,6 +37,36 @@ ROLLUP_METRICS = (
     "cost_usd",
     "late_spans",
 )
+
+
+EXACT_METRICS = (
+    "spans",
+    "errors",
+    "invocations",
+    "llm_calls",
+    "tokens_prompt",
+    "tokens_completion",
+    "tokens_total",
+)
+PERCENTILE_METRICS = ("latency_p50_ms", "latency_p95_ms", "latency_p99_ms")
+
+
+def assert_window_equals_truth(
+    key: object, got: Mapping[str, float], want: Mapping[str, object]
+) -> None:
+    """One window in MLflow against loadgen's truth: counts and tokens exact, cost to 1e-6, no
+    late span, percentiles within the sketch's 1% (and none at all without an invocation)."""
+    for metric in EXACT_METRICS:
+        assert got[metric] == want[metric], (key, metric, got[metric], want[metric])
+    assert got["cost_usd"] == pytest.approx(want["cost_usd"], abs=1e-6)
+    assert got["late_spans"] == 0, key
+    if want["invocations"] == 0:
+        # No invocation ended in this window: no latency to report, and none invented.
+        assert not set(PERCENTILE_METRICS) & set(got), (key, got)
+        return
+    for metric in PERCENTILE_METRICS:
+        assert got[metric] == pytest.approx(want[metric], rel=0.01), (key, metric)
+    assert got["latency_max_ms"] == pytest.approx(want["latency_max_ms"], abs=1e-6)
 
 
 def poll_until(

@@ -42,6 +42,7 @@ from processor.worker.observability import WorkerRegistry
 from tests.integration.support import (
     ROLLUP_METRICS,
     WorkerProcess,
+    assert_window_equals_truth,
     mlflow_rollups,
     phoenix_span_ids,
     poll_until,
@@ -51,16 +52,6 @@ from tests.integration.support import (
 pytestmark = pytest.mark.integration
 
 WINDOW_MS = 10_000
-EXACT = (
-    "spans",
-    "errors",
-    "invocations",
-    "llm_calls",
-    "tokens_prompt",
-    "tokens_completion",
-    "tokens_total",
-)
-PERCENTILES = ("latency_p50_ms", "latency_p95_ms", "latency_p99_ms")
 METRICS = (*ROLLUP_METRICS, "sampled_spans", "dropped_spans")
 # At this scale these seeds' traces last at most ~2 s, so the allowed lateness (and the wait
 # for the second part's last windows to close) stays short.
@@ -366,18 +357,9 @@ def test_phoenix_down_only_forward_lags_and_every_kept_span_arrives_once(
         assert during_windows and during_windows <= set(found)
         for key, want in expected.items():
             got = found[key]
-            for metric in EXACT:
-                assert got[metric] == want[metric], (key, metric, got[metric], want[metric])
-            assert got["cost_usd"] == pytest.approx(want["cost_usd"], abs=1e-6)
-            assert got["late_spans"] == 0, key
+            assert_window_equals_truth(key, got, want)
             # Sampling decided the fate of every span of the window, one way or the other.
             assert got["sampled_spans"] + got["dropped_spans"] == got["spans"], (key, got)
-            if want["invocations"] == 0:
-                assert not set(PERCENTILES) & set(got), (key, got)
-                continue
-            for metric in PERCENTILES:
-                assert got[metric] == pytest.approx(want[metric], rel=0.01), (key, metric)
-            assert got["latency_max_ms"] == pytest.approx(want["latency_max_ms"], abs=1e-6)
         sampled_total = sum(int(metrics["sampled_spans"]) for metrics in found.values())
         assert sampled_total > 0 and sum(m["dropped_spans"] for m in found.values()) > 0
         # Aggregate committed every span it read, finalize every partial written so far (each
