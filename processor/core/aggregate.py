@@ -43,6 +43,8 @@ class WindowAggregate:
     tokens_total: int = 0
     cost_nanos: int = 0
     late_spans: int = 0
+    # copies of spans counted already (a producer delivered them twice): not counted again
+    duplicate_spans: int = 0
     sampled_spans: int = 0
     dropped_spans: int = 0
     # (duration ns, trace id hex) of the slowest invocations, slowest first
@@ -144,6 +146,7 @@ class WindowAggregate:
         self.tokens_total += other.tokens_total
         self.cost_nanos += other.cost_nanos
         self.late_spans += other.late_spans
+        self.duplicate_spans += other.duplicate_spans
         self.sampled_spans += other.sampled_spans
         self.dropped_spans += other.dropped_spans
         for item in other.slowest:
@@ -180,6 +183,7 @@ class WindowAggregate:
             "tokens_total": amount("tokens_total", self.tokens_total),
             "cost_usd": amount("cost_nanos", self.cost_nanos) / COST_NANOS_PER_USD,
             "late_spans": self.late_spans,
+            "duplicate_spans": self.duplicate_spans,
             "sampled_spans": self.sampled_spans,
             "dropped_spans": self.dropped_spans,
             "upstream_sampled_spans": upstream.get(UPSTREAM_SPANS, 0),
@@ -219,6 +223,7 @@ class WindowAggregate:
             "tokens_total": self.tokens_total,
             "cost_nanos": self.cost_nanos,
             "late_spans": self.late_spans,
+            "duplicate_spans": self.duplicate_spans,
             "sampled_spans": self.sampled_spans,
             "dropped_spans": self.dropped_spans,
             "slowest": [list(item) for item in self.slowest],
@@ -239,6 +244,7 @@ class WindowAggregate:
             tokens_total=state["tokens_total"],
             cost_nanos=state["cost_nanos"],
             late_spans=state["late_spans"],
+            duplicate_spans=state.get("duplicate_spans", 0),  # absent from older partials
             sampled_spans=state["sampled_spans"],
             dropped_spans=state["dropped_spans"],
             slowest=[(int(d), str(t)) for d, t in state["slowest"]],

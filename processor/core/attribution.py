@@ -15,6 +15,12 @@ its trace is evicted to respect the bounds. In the last two cases the topmost wa
 of the span is resolved as if it had no parent and its waiting subtree with it, so a span is
 never cut off from a parent that is in the buffer. Every span that is added comes out exactly
 once; every early resolution is counted.
+
+A span whose (trace id, span id) the buffer holds already, resolved or waiting, is a copy: a
+producer delivered it twice. It comes out marked ``duplicate``, with its original's agent:
+at once when the original is resolved, else together with the original. So a copy is
+recognised for as long as its trace is remembered (the TTL after the trace's last end, or
+until evicted), with no memory beyond what attribution keeps anyway.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ class AttributedSpan:
     agent: str
     is_invocation: bool
     offset: int
+    duplicate: bool = False  # a copy of a span that came out already: not to be counted again
 
 
 # (attributed agent, agent attribute that flows to the children or None)
@@ -54,6 +61,8 @@ class _Trace:
     waiting: dict[int, tuple[SpanRecord, int]] = field(default_factory=dict)
     by_parent: dict[bytes, dict[int, None]] = field(default_factory=dict)
     by_span: dict[bytes, dict[int, None]] = field(default_factory=dict)
+    # copies of waiting spans, by span id: they come out with their original
+    copies: dict[bytes, list[tuple[SpanRecord, int]]] | None = None
     last_end_ms: int = 0
 
 
@@ -66,6 +75,7 @@ class AssemblerStats:
     pending_spans: int = 0
     resolved_without_parent: int = 0  # the parent did not come within the wait, or was evicted
     evicted_traces: int = 0  # pushed out early by the trace or span limit
+    duplicate_spans: int = 0  # copies of spans the buffer held
 
 
 class TraceAssembler:
@@ -136,6 +146,19 @@ class TraceAssembler:
     def _add_to(
         self, trace: _Trace, span: SpanRecord, offset: int, out: list[AttributedSpan]
     ) -> None:
+        span_id = span.span_id
+        original = trace.resolved.get(span_id)
+        if original is not None:
+            self.stats.duplicate_spans += 1
+            out.append(AttributedSpan(span, original[0], False, offset, True))
+            return
+        if span_id in trace.by_span:
+            self.stats.duplicate_spans += 1
+            if trace.copies is None:
+                trace.copies = {}
+            trace.copies.setdefault(span_id, []).append((span, offset))
+            self._spans_held += 1
+            return
         end_ms = span.end_ms
         if end_ms > trace.last_end_ms:
             trace.last_end_ms = end_ms
@@ -152,7 +175,7 @@ class TraceAssembler:
         sequence = self._sequence
         trace.waiting[sequence] = (span, offset)
         trace.by_parent.setdefault(parent, {})[sequence] = None
-        trace.by_span.setdefault(span.span_id, {})[sequence] = None
+        trace.by_span.setdefault(span_id, {})[sequence] = None
         self._spans_held += 1
         self.stats.pending_spans += 1
         heapq.heappush(self._pending_heap, (end_ms, sequence, span.trace_id))
@@ -207,6 +230,8 @@ class TraceAssembler:
                 self._spans_held += 1
             resolved_spans[span_id] = resolved
             out.append(AttributedSpan(current, agent, parent_agent != agent, current_offset))
+            if trace.copies:
+                self._release_copies(trace.copies, span_id, agent, out)
             children = by_parent.pop(span_id, None) if by_parent else None
             if children:
                 for sequence in children:
@@ -215,6 +240,19 @@ class TraceAssembler:
             if not stack:
                 return
             current, current_offset, current_parent = stack.pop()
+
+    def _release_copies(
+        self,
+        copies: dict[bytes, list[tuple[SpanRecord, int]]],
+        span_id: bytes,
+        agent: str,
+        out: list[AttributedSpan],
+    ) -> None:
+        """Hand out the copies of a span that waited, now that its agent is known."""
+        waiting = copies.pop(span_id, None)
+        if waiting:
+            self._spans_held -= len(waiting)
+            out.extend(AttributedSpan(copy, agent, False, offset, True) for copy, offset in waiting)
 
     def _resolve_as_orphan(self, trace: _Trace, sequence: int, out: list[AttributedSpan]) -> None:
         """Give up waiting for the topmost waiting ancestor of a span; resolve its subtree."""

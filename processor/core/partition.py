@@ -11,9 +11,13 @@ attribution or for its trace's sampling decision. Windows close, and sampling de
 as each message is added (not when the timer runs), so a replay of the same messages takes
 them at the same places; only the idle advance follows the clock.
 
+A copy of a span already counted (same trace id and span id, while the trace is remembered)
+counts only in ``duplicate_spans`` of the window it arrives in, as a late span would, and is
+not sampled again. A copy that comes after its trace was forgotten is a new span to it.
+
 Exactly-once effect without transactions: ``checkpoint(next_offset)`` names the offset it is
-safe to commit (every trace that fed an open window, or still waits, was first seen at or
-after it) and a small state to store with the commit: the watermark and closed-until *as they
+safe to commit (every trace that fed an open window, or is still remembered, was first seen
+at or after it) and a small state to store with the commit: the watermark and closed-until *as they
 were before that offset*, and how far windows have been sent. ``restore`` puts that state back
 in a fresh aggregator; replaying from the committed offset then takes the same decisions as the
 first run, re-sends byte-identical partials of the windows not yet committed, and suppresses
@@ -66,6 +70,7 @@ class PartitionStats:
     overflow_spans: int = 0
     windows_closed: int = 0
     replayed_spans: int = 0  # spans of windows already sent before a restart: not resent
+    duplicate_spans: int = 0  # copies of spans counted already: counted only as copies
 
 
 @dataclass(slots=True, frozen=True)
@@ -155,7 +160,6 @@ class PartitionAggregator:
         self._traces_by_end: LazyHeap[bytes, tuple[int, int]] = LazyHeap(
             self._trace_first_offset, itemgetter(1)
         )
-        self._attribution_wait_ms = allowed_lateness_ms
         self._trace_ttl_ms = 2 * window_size_ms if trace_ttl_ms is None else trace_ttl_ms
         # The assembler must forget a trace no later than the partition forgets the trace's
         # first offset: a replay point that passes over a parent the assembler still knew
@@ -355,6 +359,9 @@ class PartitionAggregator:
         return window_start(max(self.watermark.max_event_ms or closed, closed), self._size)
 
     def _aggregate(self, item: AttributedSpan) -> None:
+        if item.duplicate:
+            self._count_duplicate(item)
+            return
         span = item.span
         self.stats.spans += 1
         end_ms = span.end_ms
@@ -412,6 +419,21 @@ class PartitionAggregator:
             )
             if decided:
                 self._count_decisions(decided)
+
+    def _count_duplicate(self, item: AttributedSpan) -> None:
+        """A copy counts in ``duplicate_spans`` only, of the window it arrived in: its own
+        window while open, else the one late spans count in. Its original's agent names the
+        series; it is not sampled again."""
+        span = item.span
+        self.stats.duplicate_spans += 1
+        window = self._window_of(span)
+        if self._already_sent(window):
+            return
+        seen = self._trace_first_offset.get(span.trace_id)
+        # The window's replay must see the original again, to know the copy for one.
+        replay_from = seen[0] if seen is not None else item.offset
+        series = (item.agent, span.dimensions)
+        self._series(window, series, replay_from, counts_span=False).duplicate_spans += 1
 
     def _already_sent(self, start: int) -> bool:
         sent = self._sent_until_ms
@@ -473,16 +495,13 @@ class PartitionAggregator:
 
     def min_open_offset(self) -> int | None:
         """Smallest first offset of a trace that fed an open window, or a closed one not yet
-        handed out by ``advance``, or that may still be waiting."""
+        handed out by ``advance``, or that is still remembered."""
         offsets = list(self._window_min_offset.values())
         if self._closed_min_offset is not None:
             offsets.append(self._closed_min_offset)
-        watermark_ms = self.watermark.value_ms
-        # A trace seen within the attribution wait may still hold spans waiting for a parent.
-        recent = (watermark_ms if watermark_ms is not None else 0) - self._attribution_wait_ms
-        offsets.extend(
-            first for first, end_ms in self._trace_first_offset.values() if end_ms > recent
-        )
+        # A remembered trace may still get children that wait for a parent, and copies of its
+        # spans: a replay must see its spans again to attribute the one and know the other.
+        offsets.extend(first for first, _ in self._trace_first_offset.values())
         return min(offsets) if offsets else None
 
     def checkpoint(self, next_offset: int) -> Checkpoint:

@@ -12,6 +12,7 @@ Trace ``i`` depends only on the seed, ``i`` and its end time, so ranges of trace
 
 from processor.loadgen.late_order import LateReorderer
 from processor.loadgen.publisher import PublishStats, ensure_topic, publish_traces
+from processor.loadgen.redelivery import Delivery, Redelivery, with_redeliveries
 from processor.loadgen.scenario import AgentProfile, Scenario, llm_cost_usd
 from processor.loadgen.traces import GeneratedTrace, TraceGenerator
 from processor.loadgen.truth import Rollup, Truth, TruthBuilder, lower_quantile, window_start_ms
@@ -19,9 +20,11 @@ from processor.loadgen.upstream import UpstreamSampler
 
 __all__ = [
     "AgentProfile",
+    "Delivery",
     "GeneratedTrace",
     "LateReorderer",
     "PublishStats",
+    "Redelivery",
     "Rollup",
     "Scenario",
     "TraceGenerator",
@@ -33,4 +36,5 @@ __all__ = [
     "lower_quantile",
     "publish_traces",
     "window_start_ms",
+    "with_redeliveries",
 ]

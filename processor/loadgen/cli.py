@@ -22,6 +22,7 @@ from processor.errors import StackError
 from processor.loadgen.late_order import LateReorderer
 from processor.loadgen.pacing import realtime_traces
 from processor.loadgen.publisher import PublishStats, publish_traces
+from processor.loadgen.redelivery import Delivery, Redelivery, with_redeliveries
 from processor.loadgen.scenario import Scenario
 from processor.loadgen.traces import GeneratedTrace, TraceGenerator
 from processor.loadgen.truth import TruthBuilder
@@ -113,6 +114,14 @@ from processor.loadgen.truth import TruthBuilder
     help="A late trace is published up to this much event time behind its place.",
 )
 @click.option(
+    "--duplicates",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.0,
+    show_default=True,
+    help="Fraction of traces of which spans are delivered twice, as an at-least-once producer "
+    "does: the whole message again, spans repeated inside it, or sent again on their own.",
+)
+@click.option(
     "--progress/--no-progress",
     default=None,
     help="Progress bar [default: when stdout is a terminal].",
@@ -136,6 +145,7 @@ def loadgen_command(
     window_size_ms: int,
     late_fraction: float,
     late_max_ms: int,
+    duplicates: float,
     progress: bool | None,
 ) -> None:
     """Publish demo LLM agent traces (OTLP protobuf, one message per trace) to Kafka."""
@@ -189,7 +199,9 @@ def loadgen_command(
     try:
         asyncio.run(
             publish_traces(
-                run.in_publish_order(source),
+                with_redeliveries(
+                    run.in_publish_order(source), Redelivery(fraction=duplicates, seed=seed)
+                ),
                 bootstrap=bootstrap,
                 topic=topic,
                 partitions=partitions,
@@ -216,6 +228,7 @@ def loadgen_command(
             "topic": topic,
             "late_fraction": late_fraction,
             "late_max_ms": late_max_ms,
+            "duplicates": duplicates,
         }
     )
     # Whatever reached Kafka gets its truth, even from a run that failed half-way; a run that
@@ -242,15 +255,18 @@ class _PublishRun:
     error_spans: int = 0
     payload_bytes: int = 0
 
-    def on_sent(self, trace: GeneratedTrace) -> None:
-        self.truth.add(trace)
-        delay_ms = self.delays_ms.pop(trace.index, 0)
-        if delay_ms:
-            self.truth.add_late(trace, delay_ms)
-        self.traces += 1
-        self.spans += trace.span_count
-        self.error_spans += trace.error_count
-        self.payload_bytes += len(trace.payload)
+    def on_sent(self, delivery: Delivery) -> None:
+        trace = delivery.trace
+        if delivery.first:
+            self.truth.add(trace)
+            self.traces += 1
+            delay_ms = self.delays_ms.pop(trace.index, 0)
+            if delay_ms:
+                self.truth.add_late(trace, delay_ms)
+        self.truth.add_copies(trace, delivery.copies)
+        self.spans += delivery.span_count
+        self.error_spans += delivery.error_count
+        self.payload_bytes += len(delivery.payload)
 
     async def in_publish_order(
         self, source: AsyncIterator[GeneratedTrace]

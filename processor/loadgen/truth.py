@@ -13,12 +13,14 @@ The rules, per (agent, tumbling window of ``window_size_ms``):
   latency percentiles are exact order statistics of invocation latencies, "lower" rule:
   ``sorted(v)[floor(q * (n - 1))]``; ``null`` when the window holds no invocation;
 - ``llm_calls``, tokens and ``cost_usd`` sum its LLM spans only (span kind ``LLM``), so token
-  totals repeated on CHAIN spans are not counted twice.
+  totals repeated on CHAIN spans are not counted twice;
+- a span delivered more than once (same trace id and span id) counts once; each extra copy
+  counts in ``duplicate_spans`` of the span's agent and window.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
@@ -52,6 +54,7 @@ class Rollup(TypedDict):
     tokens_completion: int
     tokens_total: int
     cost_usd: float
+    duplicate_spans: int
 
 
 class LateTrace(TypedDict):
@@ -84,6 +87,7 @@ class _WindowTotals:
     tokens_total: int = 0
     # Costs are rounded to 1e-6 USD, so summing integer micro-dollars is exact in any order.
     cost_micro_usd: int = 0
+    duplicate_spans: int = 0
 
     def to_rollup(self, agent: str, start_ms: int, window_size_ms: int) -> Rollup:
         latencies = sorted(self.latencies_ms)
@@ -104,6 +108,7 @@ class _WindowTotals:
             tokens_completion=self.tokens_completion,
             tokens_total=self.tokens_total,
             cost_usd=self.cost_micro_usd / 1_000_000,
+            duplicate_spans=self.duplicate_spans,
         )
 
 
@@ -147,33 +152,31 @@ class TruthBuilder:
             LateTrace(trace_id=trace.trace_id_hex, end_ms=trace.end_ms, delay_ms=delay_ms)
         )
 
+    def add_copies(self, trace: GeneratedTrace, copies: Mapping[bytes, int]) -> None:
+        """Count extra deliveries of ``trace``'s spans (span id -> copies) in
+        ``duplicate_spans``, of each span's agent and window."""
+        if not copies:
+            return
+        agents = _agents_of(_facts_of(trace.request))
+        for (_, span_id), (facts, agent, _) in agents.items():
+            extra = copies.get(span_id, 0)
+            if extra:
+                self._window(agent, facts).duplicate_spans += extra
+
+    def _window(self, agent: str, facts: _SpanFacts) -> _WindowTotals:
+        window = window_start_ms(facts.end_ns, self.window_size_ms)
+        totals = self._totals.get((agent, window))
+        if totals is None:
+            totals = self._totals[(agent, window)] = _WindowTotals()
+        return totals
+
     def add_request(self, request: ExportTraceServiceRequest) -> None:
-        """Count every span of ``request``. Ancestors are looked up within the request, which
-        holds whole traces (one message per trace)."""
-        facts_by_id: dict[tuple[bytes, bytes], _SpanFacts] = {}
-        for resource_spans in request.resource_spans:
-            service_name = UNKNOWN_AGENT
-            for attribute in resource_spans.resource.attributes:
-                if attribute.key == "service.name" and attribute.value.string_value:
-                    service_name = attribute.value.string_value
-            for scope_spans in resource_spans.scope_spans:
-                for span in scope_spans.spans:
-                    facts = _read_facts(span, service_name)
-                    facts_by_id[(facts.trace_id, span.span_id)] = facts
-        agents: dict[tuple[bytes, bytes], str] = {}
+        """Count every span of ``request`` (a span repeated in it, once). Ancestors are looked
+        up within the request, which holds whole traces (one message per trace)."""
+        facts_by_id = _facts_of(request)
         trace_bounds: dict[bytes, tuple[int, int]] = {}
-        for key, facts in facts_by_id.items():
-            agent = _agent_of(key, facts_by_id, agents)
-            parent_key = (facts.trace_id, facts.parent_span_id)
-            is_invocation = (
-                not facts.parent_span_id
-                or parent_key not in facts_by_id
-                or _agent_of(parent_key, facts_by_id, agents) != agent
-            )
-            window = window_start_ms(facts.end_ns, self.window_size_ms)
-            totals = self._totals.get((agent, window))
-            if totals is None:
-                totals = self._totals[(agent, window)] = _WindowTotals()
+        for facts, agent, is_invocation in _agents_of(facts_by_id).values():
+            totals = self._window(agent, facts)
             totals.spans += 1
             if facts.is_error:
                 totals.errors += 1
@@ -275,6 +278,41 @@ class Truth:
             if rollup["agent"] == agent and rollup["window_start_ms"] == window_start_ms:
                 return rollup
         return None
+
+
+_SpanKey = tuple[bytes, bytes]  # (trace id, span id)
+
+
+def _facts_of(request: ExportTraceServiceRequest) -> dict[_SpanKey, _SpanFacts]:
+    facts_by_id: dict[_SpanKey, _SpanFacts] = {}
+    for resource_spans in request.resource_spans:
+        service_name = UNKNOWN_AGENT
+        for attribute in resource_spans.resource.attributes:
+            if attribute.key == "service.name" and attribute.value.string_value:
+                service_name = attribute.value.string_value
+        for scope_spans in resource_spans.scope_spans:
+            for span in scope_spans.spans:
+                facts = _read_facts(span, service_name)
+                facts_by_id[(facts.trace_id, span.span_id)] = facts
+    return facts_by_id
+
+
+def _agents_of(
+    facts_by_id: dict[_SpanKey, _SpanFacts],
+) -> dict[_SpanKey, tuple[_SpanFacts, str, bool]]:
+    """Each span's facts, agent and whether it is an invocation."""
+    agents: dict[_SpanKey, str] = {}
+    attributed: dict[_SpanKey, tuple[_SpanFacts, str, bool]] = {}
+    for key, facts in facts_by_id.items():
+        agent = _agent_of(key, facts_by_id, agents)
+        parent_key = (facts.trace_id, facts.parent_span_id)
+        is_invocation = (
+            not facts.parent_span_id
+            or parent_key not in facts_by_id
+            or _agent_of(parent_key, facts_by_id, agents) != agent
+        )
+        attributed[key] = (facts, agent, is_invocation)
+    return attributed
 
 
 def _read_facts(span: Span, service_name: str) -> _SpanFacts:

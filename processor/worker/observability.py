@@ -190,7 +190,14 @@ class CarriedTotals:
         return result
 
 
-_PARTITION_COUNTERS = ("spans", "late_spans", "overflow_spans", "windows_closed", "replayed_spans")
+_PARTITION_COUNTERS = (
+    "spans",
+    "late_spans",
+    "duplicate_spans",
+    "overflow_spans",
+    "windows_closed",
+    "replayed_spans",
+)
 _ASSEMBLER_COUNTERS = ("evicted_traces", "resolved_without_parent")
 # The sampler's outcomes as (decision, policy) labels of sampling_spans_total.
 _DROPPED_NOT_SAMPLED, _DROPPED_RATE_LIMITED = "dropped:not_sampled", "dropped:rate_limited"
@@ -322,6 +329,11 @@ class RoleCollector(Collector):
         for name, field_name, doc in (
             ("spans_aggregated", "spans", "Spans added to a window aggregate (replays included)."),
             ("late_spans", "late_spans", "Spans whose window had closed: counted as late."),
+            (
+                "duplicate_spans",
+                "duplicate_spans",
+                "Copies of spans counted already (same trace and span id): not counted again.",
+            ),
             ("overflow_spans", "overflow_spans", "Spans folded into __overflow__ series."),
             ("replayed_spans", "replayed_spans", "Replayed spans of windows already sent."),
             ("windows_closed", "windows_closed", "Windows closed by aggregate (partials sent)."),
@@ -612,6 +624,7 @@ METRIC_NAMES = tuple(
         "dead_letters_total",
         "spans_aggregated_total",
         "late_spans_total",
+        "duplicate_spans_total",
         "overflow_spans_total",
         "replayed_spans_total",
         "windows_closed_total",

@@ -36,6 +36,7 @@ ROLLUP_METRICS = (
     "tokens_total",
     "cost_usd",
     "late_spans",
+    "duplicate_spans",
 )
 
 
@@ -55,11 +56,13 @@ def assert_window_equals_truth(
     key: object, got: Mapping[str, float], want: Mapping[str, object]
 ) -> None:
     """One window in MLflow against loadgen's truth: counts and tokens exact, cost to 1e-6, no
-    late span, percentiles within the sketch's 1% (and none at all without an invocation)."""
+    late span, copies of spans counted as copies only, percentiles within the sketch's 1% (and
+    none at all without an invocation)."""
     for metric in EXACT_METRICS:
         assert got[metric] == want[metric], (key, metric, got[metric], want[metric])
     assert got["cost_usd"] == pytest.approx(want["cost_usd"], abs=1e-6)
     assert got["late_spans"] == 0, key
+    assert got["duplicate_spans"] == want["duplicate_spans"], (key, "duplicate_spans")
     if want["invocations"] == 0:
         # No invocation ended in this window: no latency to report, and none invented.
         assert not set(PERCENTILE_METRICS) & set(got), (key, got)

@@ -260,6 +260,7 @@ def brute_force_rollups(traces: list[GeneratedTrace], window_ms: int) -> list[di
                 "tokens_completion": sum(a.get("llm.token_count.completion", 0) for a in llm),
                 "tokens_total": sum(a.get("llm.token_count.total", 0) for a in llm),
                 "cost_usd": math.fsum(a.get("llm.cost.total", 0.0) for a in llm),
+                "duplicate_spans": 0,  # each span published once
             }
         )
     return rollups

@@ -392,3 +392,65 @@ def test_every_span_comes_out_exactly_once_under_any_bounds(
         # whatever was decided early, the agent is one the rule could give
         assert item.agent in {"a", "b", "s1", "s2", "unknown"}
         assert item.offset == forest.order.index(forest.spans.index(item.span))
+
+
+# --- copies: a span delivered twice -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("order", ["parents-first", "children-first"])
+def test_a_copy_comes_out_once_marked_duplicate_with_its_originals_agent(order: str) -> None:
+    """The child inherits its agent; its copy names the same agent, whether the original was
+    resolved when the copy came (parents first) or still waited for its parent."""
+    parent = record(span=1, agent="planner")
+    child = record(span=2, parent=1)
+    copy = record(span=2, parent=1)
+    arriving = [parent, child, copy] if order == "parents-first" else [child, copy, parent]
+    assembler = TraceAssembler()
+    out: list[AttributedSpan] = []
+    for offset, span in enumerate(arriving):
+        out += assembler.add(span, offset)
+    out += assembler.expire(FAR_FUTURE_MS)
+
+    assert [(item.span, item.agent, item.duplicate) for item in out if item.duplicate] == [
+        (copy, "planner", True)
+    ]
+    assert {id(item.span) for item in out} == {id(parent), id(child), id(copy)}
+    assert assembler.stats.duplicate_spans == 1
+    assert assembler.spans_held == 0
+
+
+def test_a_copy_of_a_span_whose_trace_was_forgotten_is_a_span_again() -> None:
+    assembler = TraceAssembler(trace_ttl_ms=1_000)
+    assembler.add(record(span=1, end_ms=T0_MS), 0)
+    assembler.expire(T0_MS + 1_000)  # the TTL after the trace's last end: forgotten
+    [again] = assembler.add(record(span=1, end_ms=T0_MS), 1)
+    assert not again.duplicate
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    spans=st.lists(
+        st.tuples(st.integers(1, 3), st.integers(1, 6), st.sampled_from([None, 1, 2, 3, 4])),
+        max_size=30,
+    ),
+    max_traces=st.integers(1, 4),
+)
+def test_every_span_added_comes_out_once_and_only_first_copies_count(
+    spans: list[tuple[int, int, int | None]], max_traces: int
+) -> None:
+    """Ids repeat often here: every span comes out once; one not marked duplicate per distinct
+    (trace, span) id while the trace stays in the buffer, so never fewer than distinct ids."""
+    assembler = TraceAssembler(max_traces=max_traces)
+    records = [record(trace=t, span=s, parent=p if p != s else None) for t, s, p in spans]
+    out: list[AttributedSpan] = []
+    for offset, span in enumerate(records):
+        out += assembler.add(span, offset)
+    out += assembler.expire(FAR_FUTURE_MS)
+
+    assert sorted(id(item.span) for item in out) == sorted(id(span) for span in records)
+    firsts = [item for item in out if not item.duplicate]
+    distinct = {(span.trace_id, span.span_id) for span in records}
+    assert len(firsts) >= len(distinct)
+    if max_traces >= 3:  # nothing evicted: exactly one first per id
+        assert len(firsts) == len(distinct)
+    assert assembler.spans_held == 0

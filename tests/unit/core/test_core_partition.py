@@ -115,6 +115,96 @@ def test_an_idle_partition_closes_its_windows_with_the_clock_once_caught_up() ->
     assert totals(closed) == {("a", T0_MS): (1, 0)}
 
 
+# --- spans delivered twice --------------------------------------------------------------------
+
+
+def counts(partials: list[PartialRollup]) -> dict[tuple[str, int], tuple[int, int, int, int]]:
+    """(agent, window start) -> (spans, errors, late spans, duplicate spans)."""
+    return {
+        (p.series.agent, p.window_start_ms): (
+            p.aggregate.spans,
+            p.aggregate.errors,
+            p.aggregate.late_spans,
+            p.aggregate.duplicate_spans,
+        )
+        for p in partials
+    }
+
+
+@pytest.mark.parametrize("where", ["same-message", "next-message"])
+def test_a_span_delivered_twice_counts_once_and_its_copy_in_duplicate_spans(where: str) -> None:
+    root = record(trace=1, span=1, end_ms=T0_MS + 500, agent="planner", error=True)
+    child = record(trace=1, span=2, parent=1, end_ms=T0_MS + 400)  # inherits planner
+    copies = [dataclasses.replace(root), dataclasses.replace(child)]
+    agg = aggregator()
+    if where == "same-message":
+        agg.add(0, [root, child, *copies], now_ms=0)
+    else:
+        agg.add(0, [root, child], now_ms=0)
+        agg.add(1, copies, now_ms=0)
+    [partial] = flush(agg)
+
+    assert counts([partial]) == {("planner", T0_MS): (2, 1, 0, 2)}
+    assert partial.aggregate.invocations == 1
+    assert agg.stats.duplicate_spans == 2
+
+
+def test_a_copy_of_a_span_still_waiting_for_its_parent_counts_for_its_originals_agent() -> None:
+    child = record(trace=1, span=2, parent=1, end_ms=T0_MS + 400)
+    agg = aggregator()
+    agg.add(0, [child], now_ms=0)
+    agg.add(1, [dataclasses.replace(child)], now_ms=0)  # the parent has not come yet
+    agg.add(2, [record(trace=1, span=1, end_ms=T0_MS + 500, agent="planner")], now_ms=0)
+    assert counts(flush(agg)) == {("planner", T0_MS): (2, 0, 0, 1)}
+
+
+def test_a_copy_after_its_window_closed_counts_where_late_spans_do_and_not_as_late() -> None:
+    agg = aggregator()
+    original = record(trace=1, span=1, end_ms=T0_MS + 100, agent="a")
+    agg.add(0, [original], now_ms=0)
+    agg.add(1, [record(trace=2, span=2, end_ms=T0_MS + SIZE + LATENESS, agent="a")], now_ms=0)
+    first = agg.advance(0, caught_up=False).partials
+    agg.add(2, [dataclasses.replace(original)], now_ms=0)  # within the TTL: remembered
+    rest = flush(agg)
+
+    assert counts(first) == {("a", T0_MS): (1, 0, 0, 0)}
+    assert counts(rest) == {("a", T0_MS + SIZE): (1, 0, 0, 1)}
+
+
+def test_a_copy_after_its_trace_was_forgotten_is_counted_again_as_late() -> None:
+    """What the metrics guide says of a copy that comes after its trace's TTL."""
+    agg = aggregator()  # TTL: two windows
+    original = record(trace=1, span=1, end_ms=T0_MS + 100, agent="a")
+    agg.add(0, [original], now_ms=0)
+    agg.add(1, [record(trace=2, span=2, end_ms=T0_MS + 3 * SIZE, agent="a")], now_ms=0)
+    agg.advance(0, caught_up=False)
+    agg.add(2, [dataclasses.replace(original)], now_ms=0)
+    rest = flush(agg)
+
+    assert counts(rest) == {("a", T0_MS + 3 * SIZE): (1, 0, 1, 0)}
+    assert agg.stats.duplicate_spans == 0
+
+
+def test_a_copy_is_not_sampled_again() -> None:
+    agg = aggregator(sampling=SamplingPolicy(probability=1.0, keep_errors=False))
+    span = record(trace=1, span=1, end_ms=T0_MS + 100, agent="a")
+    agg.add(0, [span], now_ms=0)
+    agg.add(1, [dataclasses.replace(span)], now_ms=0)
+    [partial] = flush(agg)
+
+    assert [ids(item) for item in agg.take_kept()] == [(span.trace_id, span.span_id)]
+    assert (partial.aggregate.sampled_spans, partial.aggregate.duplicate_spans) == (1, 1)
+
+
+def test_a_remembered_trace_holds_the_commit_so_a_replay_knows_its_copies() -> None:
+    agg = aggregator()
+    original = record(trace=1, span=1, end_ms=T0_MS + 100, agent="a")
+    agg.add(0, [original], now_ms=0)
+    agg.add(1, [record(trace=2, span=2, end_ms=T0_MS + SIZE + LATENESS, agent="a")], now_ms=0)
+    agg.advance(0, caught_up=False)  # the first window is out, trace 1 still remembered
+    assert agg.checkpoint(2).offset == 0
+
+
 def test_a_window_stays_open_while_a_span_in_it_waits_for_its_parent() -> None:
     agg = aggregator()
     # ends late in its window: still within its attribution wait when the watermark passes
@@ -248,8 +338,11 @@ def test_bad_settings_are_refused(kwargs: dict[str, int]) -> None:
 
 @st.composite
 def arrivals(draw: st.DrawFn) -> list[list[SpanRecord]]:
-    """Messages of spans with ends scattered over a few windows, roughly in order, some late."""
+    """Messages of spans with ends scattered over a few windows, roughly in order, some late;
+    some spans come twice, as at-least-once producers send them: a copy in the same message
+    or a later one."""
     messages: list[list[SpanRecord]] = []
+    sent: list[SpanRecord] = []
     n = 0
     for message in range(draw(st.integers(1, 25))):
         spans = []
@@ -267,6 +360,10 @@ def arrivals(draw: st.DrawFn) -> list[list[SpanRecord]]:
                     dimensions=(draw(st.sampled_from(["x", "y", "z"])),),
                 )
             )
+        sent += spans
+        if sent and draw(st.integers(0, 3)) == 0:
+            recent = sent[-8:]  # a retry comes soon after the first delivery
+            spans += [dataclasses.replace(draw(st.sampled_from(recent)))]
         # children usually end, and so are sent, before their parents
         messages.append(list(draw(st.permutations(spans))))
     return messages
@@ -292,7 +389,12 @@ def test_every_span_is_counted_once_in_spans_or_late_spans(
     partials += flush(agg)
 
     total = sum(len(spans) for spans in messages)
-    assert sum(p.aggregate.spans + p.aggregate.late_spans for p in partials) == total
+    counted = sum(p.aggregate.spans + p.aggregate.late_spans for p in partials)
+    duplicates = sum(p.aggregate.duplicate_spans for p in partials)
+    assert counted + duplicates == total
+    assert duplicates == agg.stats.duplicate_spans
+    # a copy counts as a copy only while its trace is remembered: never more than were sent
+    assert duplicates <= total - len({(s.trace_id, s.span_id) for m in messages for s in m})
     assert sum(p.aggregate.late_spans for p in partials) == agg.stats.late_spans
     assert agg.open_windows == []
     # each window goes out once, and each series in it once
@@ -509,7 +611,8 @@ def test_a_crash_and_replay_with_a_sampler_counts_sampled_and_dropped_spans_once
     )
     assert merged(replayed.partials) == merged(clean.partials)
     outcomes = sum(p.aggregate.sampled_spans + p.aggregate.dropped_spans for p in clean.partials)
-    assert outcomes == sum(len(spans) for spans in messages)
+    duplicates = sum(p.aggregate.duplicate_spans for p in clean.partials)
+    assert outcomes + duplicates == sum(len(spans) for spans in messages)  # copies: no outcome
 
     # Phoenix gets the same spans: every span counted in a window not yet sent at the
     # checkpoint is kept by the replay exactly when the clean run kept it.
@@ -603,19 +706,20 @@ def test_with_a_span_budget_a_replay_sends_the_same_partials_and_keeps_the_same_
 
 
 @pytest.mark.parametrize("budget", [None, 5.0])
-def test_a_budget_holds_the_commit_back_no_further_than_the_open_window(
+def test_a_budget_holds_the_commit_back_no_further_than_the_remembered_traces(
     budget: float | None,
 ) -> None:
-    """Traces of one message each, 10 a second: the commit may pass every trace but those of
-    the open window, budget or not (a replay needs nothing before the window)."""
+    """Traces of one message each, 10 a second: the commit may pass every trace but those
+    still remembered, budget or not (a replay needs nothing before them)."""
     policy = SamplingPolicy(probability=0.5, keep_errors=False, budget_spans_per_second=budget)
     agg = aggregator(sampling=policy)
     for offset in range(100):  # ten seconds
         end_ms = T0_MS + 100 * offset
         agg.add(offset, [record(trace=offset + 1, span=1, end_ms=end_ms, agent="a")], now_ms=0)
         agg.advance(0, caught_up=False)
-    # the watermark is 9.7 s in: windows before 9 s are out, the open one starts at offset 90
-    assert agg.checkpoint(100).offset == 90
+    # The watermark is 9.7 s in: windows before 9 s are out, but the traces that ended within
+    # the TTL (two windows) are remembered, for late children and copies: from 7.7 s on.
+    assert agg.checkpoint(100).offset == (9_700 - 2 * SIZE) // 100
 
 
 @pytest.mark.parametrize("keep_errors", [False, True])  # decided at once, or waiting
