@@ -14,6 +14,11 @@ tokens and passwords in URLs are masked in the final line, whatever the logging 
 
 The last warnings and errors are kept in memory (``recent_problems``) for the worker's
 ``/status`` endpoint, masked like everything else.
+
+The Kafka client libraries' repeated lines are kept out of both (``kafka_log.KafkaLogQuieter``):
+while Kafka is unreachable the log says when it went away, every minute how long it has been
+away, and when it is back; otherwise a client warning of one kind shows at most once a minute.
+At DEBUG every line passes.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import orjson
 from pydantic import SecretStr
 
 from processor.settings import WorkerSettings
+from processor.worker.kafka_log import bootstrap_probe, kafka_log_quieter
 
 CONTEXT_FIELDS = ("partition", "offset", "topic", "agent", "window_start_ms", "window_end_ms")
 MASK = "********"
@@ -174,20 +180,28 @@ def logging_config(settings: WorkerSettings) -> dict[str, Any]:
     )
     context = WorkerContext(worker_id_of(settings))
     level = settings.log_level.upper()
+    kafka_log_quieter.configure(
+        probe=bootstrap_probe(settings.kafka_bootstrap_servers), passthrough=level == "DEBUG"
+    )
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "filters": {"worker": {"()": lambda: context}},
+        "filters": {
+            "worker": {"()": lambda: context},
+            # On the handlers, not the loggers: a logger's filter misses its children's records.
+            "kafka": {"()": lambda: kafka_log_quieter},
+        },
         "formatters": {"worker": {"()": lambda: formatter}},
         "handlers": {
             "console": {
                 "class": "logging.StreamHandler",
                 "stream": "ext://sys.stderr",
                 "formatter": "worker",
-                "filters": ["worker"],
+                "filters": ["worker", "kafka"],
                 "level": level,
             },
-            "recent": {"()": lambda: recent_problems, "filters": ["worker"]},
+            # A storm would push every other warning out of /status: quieted too.
+            "recent": {"()": lambda: recent_problems, "filters": ["worker", "kafka"]},
         },
         "root": {"level": level, "handlers": ["console", "recent"]},
         # Every HTTP request at INFO would drown the worker's own lines.
@@ -198,7 +212,9 @@ def logging_config(settings: WorkerSettings) -> dict[str, Any]:
 def configure_logging(settings: WorkerSettings) -> dict[str, Any]:
     """Apply the worker's logging now; return the dictConfig for ``faust.Worker``.
 
-    The dict returned is a fresh one: dictConfig consumes parts of the dict it applies.
+    The dict returned is a fresh one: dictConfig consumes parts of the dict it applies. Also
+    starts the thread that writes the Kafka state's summaries.
     """
     logging.config.dictConfig(logging_config(settings))
+    kafka_log_quieter.start_ticking()
     return logging_config(settings)
