@@ -75,7 +75,6 @@ class AssemblerStats:
     pending_spans: int = 0
     resolved_without_parent: int = 0  # the parent did not come within the wait, or was evicted
     evicted_traces: int = 0  # pushed out early by the trace or span limit
-    duplicate_spans: int = 0  # copies of spans the buffer held
 
 
 class TraceAssembler:
@@ -149,11 +148,9 @@ class TraceAssembler:
         span_id = span.span_id
         original = trace.resolved.get(span_id)
         if original is not None:
-            self.stats.duplicate_spans += 1
             out.append(AttributedSpan(span, original[0], False, offset, True))
             return
         if span_id in trace.by_span:
-            self.stats.duplicate_spans += 1
             if trace.copies is None:
                 trace.copies = {}
             trace.copies.setdefault(span_id, []).append((span, offset))

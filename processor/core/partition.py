@@ -17,11 +17,11 @@ not sampled again. A copy that comes after its trace was forgotten is a new span
 
 Exactly-once effect without transactions: ``checkpoint(next_offset)`` names the offset it is
 safe to commit (every trace that fed an open window, or is still remembered, was first seen
-at or after it) and a small state to store with the commit: the watermark and closed-until *as they
-were before that offset*, and how far windows have been sent. ``restore`` puts that state back
-in a fresh aggregator; replaying from the committed offset then takes the same decisions as the
-first run, re-sends byte-identical partials of the windows not yet committed, and suppresses
-the windows that were already sent.
+at or after it) and a small state to store with the commit: the watermark and closed-until
+*as they were before that offset*, and how far windows have been sent. ``restore`` puts that
+state back in a fresh aggregator; replaying from the committed offset then takes the same
+decisions as the first run, re-sends byte-identical partials of the windows not yet committed,
+and suppresses the windows that were already sent.
 
 With a span budget a trace's sampling outcome also depends on the traces that charged its
 budget slot; the outcome says where a replay must start to see them (``replay_from``) and the
