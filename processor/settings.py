@@ -18,6 +18,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -139,8 +140,23 @@ class WorkerSettings(KafkaClientSettings):
     partials_partitions: int = Field(
         default=4, ge=1, description="Partitions of the partials topic when the worker creates it."
     )
-    replication_factor: int = Field(
-        default=1, ge=1, description="Replication factor of topics the worker creates."
+    replication_factor: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Replication factor of topics the worker creates; unset: 3, or the brokers in the "
+            "cluster when it has fewer (counted when the topics are created: set it on a "
+            "cluster where a broker may be down then)."
+        ),
+    )
+    min_insync_replicas: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "`min.insync.replicas` of topics the worker creates: replicas that must hold a "
+            "write before Kafka acknowledges it (the worker produces with acks=all); at most "
+            "the replication factor; unset: 2 from 3 replicas up, else 1."
+        ),
     )
     max_traces: int = Field(
         default=10_000, ge=1, description="Traces held at once in each partition's buffer."
@@ -345,6 +361,18 @@ class WorkerSettings(KafkaClientSettings):
                 f"invalid sampling settings (PROCESSOR_SAMPLING_*): {exc}"
             ) from exc
 
+    @field_validator("min_insync_replicas")
+    @classmethod
+    def _insync_within_replicas(cls, value: int | None, info: ValidationInfo) -> int | None:
+        replication = info.data.get("replication_factor")
+        if value is not None and replication is not None and value > replication:
+            raise ValueError(
+                f"{value} replicas cannot be in sync when topics have "
+                f"PROCESSOR_REPLICATION_FACTOR={replication}: every write would be refused; "
+                "lower it or raise the replication factor"
+            )
+        return value
+
     @field_validator("mlflow_tracking_uri", "phoenix_collector_endpoint")
     @classmethod
     def _is_http_url(cls, value: str) -> str:
@@ -402,6 +430,16 @@ class StackSettings(BaseSettings):
     kafka_controller_port: int = Field(
         default=9093, ge=1, le=65535, description="Kafka KRaft controller port."
     )
+    kafka_brokers: int = Field(
+        default=1,
+        ge=1,
+        le=5,
+        description=(
+            "Kafka nodes, each a broker and a KRaft controller (`stack up --brokers`); with 3 "
+            "or more, internal topics get 3 replicas and `min.insync.replicas` is 2. Node n "
+            "listens on STACK_KAFKA_PORT + 2(n-1) and STACK_KAFKA_CONTROLLER_PORT + 2(n-1)."
+        ),
+    )
     phoenix_port: int = Field(default=6006, ge=1, le=65535, description="Phoenix HTTP port.")
     phoenix_grpc_port: int = Field(
         default=4317, ge=1, le=65535, description="Phoenix OTLP gRPC port."
@@ -431,8 +469,9 @@ def load_worker_settings(**overrides: object) -> WorkerSettings:
         raise ConfigurationError.from_validation(exc) from exc
 
 
-def load_stack_settings() -> StackSettings:
+def load_stack_settings(**overrides: object) -> StackSettings:
+    """Read and validate the stack settings; ``overrides`` (command-line options) win."""
     try:
-        return StackSettings()
+        return StackSettings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         raise ConfigurationError.from_validation(exc) from exc

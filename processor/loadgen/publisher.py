@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from processor.errors import StackError
+from processor.replication import min_insync_for, replication_for
 
 CONTENT_TYPE_HEADER = ("content-type", b"application/x-protobuf")
 # Deliveries awaited this far behind the newest send: far enough not to stall batching,
@@ -68,7 +69,8 @@ async def ensure_topic(*, bootstrap: str, topic: str, partitions: int) -> bool:
     """Create ``topic`` with ``partitions`` partitions unless it exists; True if created.
 
     Brokers may have topic auto-creation off, and an auto-created topic would get the broker's
-    default partition count rather than the one the benchmark asked for.
+    default partition count rather than the one the benchmark asked for. Replicas follow
+    `processor.replication`: 3 (2 in sync) on a cluster of three brokers or more.
     """
     if partitions < 1:
         raise ValueError(f"partitions must be >= 1, got {partitions}")
@@ -78,8 +80,13 @@ async def ensure_topic(*, bootstrap: str, topic: str, partitions: int) -> bool:
         if topic in await admin.list_topics():
             return False
         cluster = await admin.describe_cluster()
-        replication = max(1, min(3, len(cluster.get("brokers", []))))
-        response = await admin.create_topics([NewTopic(topic, partitions, replication)])
+        replication = replication_for(len(cluster.get("brokers", [])))
+        # On the topic itself: a broker default above the replication factor (or of 1 on a
+        # cluster) would refuse every write, or let one broker's loss lose acknowledged ones.
+        config = {"min.insync.replicas": str(min_insync_for(replication))}
+        response = await admin.create_topics(
+            [NewTopic(topic, partitions, replication, topic_configs=config)]
+        )
         for topic_error in response.topic_errors:
             error_code = topic_error[1]
             if error_code not in (0, TopicAlreadyExistsError.errno):

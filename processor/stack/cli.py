@@ -42,11 +42,19 @@ def stack_group() -> None:
 
 @stack_group.command("up")
 @_services_argument
-def up(services: tuple[str, ...]) -> None:
+@click.option(
+    "--brokers",
+    type=int,
+    default=None,
+    help="Kafka nodes (broker and controller each); 3 makes a cluster that survives the loss "
+    "of one [default: STACK_KAFKA_BROKERS, else 1].",
+)
+def up(services: tuple[str, ...], brokers: int | None) -> None:
     """Start SERVICES (default: all) and wait until they answer; running ones are left alone."""
     console = Console()
     with _fail_on_stack_errors(console):
-        stack = LocalStack(load_stack_settings(), console=console)
+        overrides = {} if brokers is None else {"kafka_brokers": brokers}
+        stack = LocalStack(load_stack_settings(**overrides), console=console)
         endpoints = stack.up(services or SERVICE_NAMES)
     _print_endpoints(console, endpoints)
 
@@ -54,7 +62,7 @@ def up(services: tuple[str, ...]) -> None:
 @stack_group.command("down")
 @_services_argument
 def down(services: tuple[str, ...]) -> None:
-    """Stop SERVICES (default: all); their data stays in the state folder."""
+    """Stop SERVICES (default: all; kafka: every node); their data stays in the state folder."""
     console = Console()
     with _fail_on_stack_errors(console):
         LocalStack(load_stack_settings(), console=console).down(services or SERVICE_NAMES)
@@ -62,7 +70,7 @@ def down(services: tuple[str, ...]) -> None:
 
 @stack_group.command("status")
 def status() -> None:
-    """Show which services run, whether they answer, and where their logs are."""
+    """Show which services (and Kafka nodes) run, whether they answer, and where their logs are."""
     console = Console()
     with _fail_on_stack_errors(console):
         stack = LocalStack(load_stack_settings())

@@ -1,10 +1,15 @@
-"""The state folder of the local stack: one data folder per service, logs, pid files.
+"""The state folder of the local stack: one data folder per process, logs, pid files.
 
 <root>/kafka/            server.properties, data/ (KRaft metadata and topic logs)
+<root>/kafka-<n>/        the same for node n of a Kafka cluster (STACK_KAFKA_BROKERS > 1)
+<root>/kafka-cluster.id  the cluster id all nodes of a cluster were formatted with
 <root>/phoenix/          Phoenix working dir (SQLite database)
 <root>/mlflow/           mlflow.db (SQLite) and artifacts/
-<root>/logs/<name>.log   stdout and stderr of each service, appended across restarts
-<root>/pids/<name>.pid   the service's process id, which is also its process group id
+<root>/logs/<name>.log   stdout and stderr of each process, appended across restarts
+<root>/pids/<name>.pid   the process id, which is also its process group id
+
+A process is named after its service (``kafka``, ``phoenix``, ``mlflow``), except the nodes of
+a Kafka cluster: ``kafka-1``, ``kafka-2``, ...
 """
 
 from __future__ import annotations
@@ -50,11 +55,19 @@ class StackLayout:
     def pids_dir(self) -> Path:
         return self.root / "pids"
 
-    def data_dir(self, name: ServiceName) -> Path:
-        return self.root / name
+    @property
+    def kafka_cluster_id_path(self) -> Path:
+        return self.root / "kafka-cluster.id"
 
-    def log_path(self, name: str) -> Path:
-        return self.logs_dir / f"{name}.log"
+    def data_dir(self, process_name: str) -> Path:
+        return self.root / process_name
 
-    def pid_path(self, name: ServiceName) -> Path:
-        return self.pids_dir / f"{name}.pid"
+    def log_path(self, process_name: str) -> Path:
+        return self.logs_dir / f"{process_name}.log"
+
+    def pid_path(self, process_name: str) -> Path:
+        return self.pids_dir / f"{process_name}.pid"
+
+    def recorded_processes(self) -> list[str]:
+        """The names of the processes with a pid file, running or not."""
+        return sorted(path.stem for path in self.pids_dir.glob("*.pid"))

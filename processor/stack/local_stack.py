@@ -3,6 +3,11 @@
 ``LocalStack`` is what the CLI (`trace-processor stack up|down|status`) and the integration
 test fixtures use. Services start in parallel; each one counts as up only when it answers a
 real request. Every failure is a ``StackError`` whose first line says what to do.
+
+Kafka is one process, or one per node of a cluster (``STACK_KAFKA_BROKERS``, see
+kafka_nodes.py): the service ``kafka`` stands for all of them, and they start in parallel too,
+since no node of a cluster answers before a majority of the quorum runs. One node can be killed
+and started again (``kill_broker``, ``start_broker``) to see what its loss does.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from rich.console import Console
@@ -20,6 +26,7 @@ from rich.markup import escape
 from processor.errors import StackError
 from processor.settings import StackSettings
 from processor.stack.kafka import KafkaService
+from processor.stack.kafka_nodes import KafkaNode, bootstrap_servers, kafka_nodes, node_id_of
 from processor.stack.layout import SERVICE_NAMES, ServiceName, StackLayout, parse_service_names
 from processor.stack.mlflow import MlflowService
 from processor.stack.phoenix import PhoenixService
@@ -34,24 +41,39 @@ _PORT_RELEASE_S = 15.0  # a killed JVM can hold its port for seconds on a busy m
 
 @dataclass(frozen=True)
 class StackEndpoints:
-    """Where clients reach the stack."""
+    """Where clients reach the stack. ``kafka_bootstrap`` names every Kafka node
+    (comma-separated); ``kafka_nodes`` says which node listens where."""
 
     kafka_bootstrap: str
     phoenix_url: str
     mlflow_url: str
+    kafka_nodes: tuple[KafkaNode, ...] = ()
 
 
 @dataclass(frozen=True)
 class ServiceStatus:
-    """One service as `stack status` sees it: ``running`` means our process is alive,
-    ``healthy`` that it also answered a request just now."""
+    """One process as `stack status` sees it (a service, or one Kafka node of a cluster):
+    ``running`` means our process is alive, ``healthy`` that it also answered a request just
+    now."""
 
-    name: ServiceName
+    name: str
     running: bool
     pid: int | None
     url: str
     healthy: bool
     log_path: Path
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """One process of the stack and the service it runs (a Kafka node runs ``kafka``)."""
+
+    service: StackService
+    process: ServiceProcess
+
+    @property
+    def name(self) -> str:
+        return self.process.name
 
 
 class LocalStack:
@@ -73,21 +95,29 @@ class LocalStack:
         self.settings = settings
         self.layout = StackLayout.at(settings.dir)
         self._console = console if console is not None else Console(quiet=True)
-        self._services: dict[ServiceName, StackService] = {
-            "kafka": KafkaService(settings, self.layout),
-            "phoenix": PhoenixService(settings, self.layout, phoenix_env or {}),
-            "mlflow": MlflowService(settings, self.layout, mlflow_args, mlflow_env or {}),
-        }
-        self._processes = {name: ServiceProcess(name, self.layout) for name in SERVICE_NAMES}
+        self.kafka_nodes = kafka_nodes(settings)
+        services: list[StackService] = [
+            *(
+                KafkaService(settings, self.layout, node, self.kafka_nodes)
+                for node in self.kafka_nodes
+            ),
+            PhoenixService(settings, self.layout, phoenix_env or {}),
+            MlflowService(settings, self.layout, mlflow_args, mlflow_env or {}),
+        ]
+        self._units: dict[str, _Unit] = {}
+        for service in services:
+            name = service.process_name if isinstance(service, KafkaService) else service.name
+            self._units[name] = _Unit(service, ServiceProcess(name, self.layout))
         self._interrupted = threading.Event()
         self._check_ports_distinct()
 
     @property
     def endpoints(self) -> StackEndpoints:
         return StackEndpoints(
-            kafka_bootstrap=self._services["kafka"].address,
-            phoenix_url=self._services["phoenix"].address,
-            mlflow_url=self._services["mlflow"].address,
+            kafka_bootstrap=bootstrap_servers(self.kafka_nodes),
+            phoenix_url=self._units["phoenix"].service.address,
+            mlflow_url=self._units["mlflow"].service.address,
+            kafka_nodes=self.kafka_nodes,
         )
 
     def up(self, services: Iterable[str] = SERVICE_NAMES) -> StackEndpoints:
@@ -95,12 +125,23 @@ class LocalStack:
 
         Services already running and healthy are left alone.
         """
-        self._for_each(parse_service_names(services), self._bring_up)
+        names = parse_service_names(services)
+        if "kafka" in names:
+            self._check_no_other_kafka()
+        self._in_parallel([partial(self._bring_up, unit) for unit in self._units_of(names)])
         return self.endpoints
 
     def down(self, services: Iterable[str] = SERVICE_NAMES) -> None:
-        """Stop the services (their whole process groups); stopped ones are skipped."""
-        self._for_each(parse_service_names(services), self._bring_down)
+        """Stop the services (their whole process groups); stopped ones are skipped.
+
+        ``kafka`` stops every Kafka node of the state folder, also those of another
+        STACK_KAFKA_BROKERS than this stack's.
+        """
+        names = parse_service_names(services)
+        processes = [unit.process for unit in self._units_of(names)]
+        if "kafka" in names:
+            processes += self._other_kafka_processes()
+        self._in_parallel([partial(self._bring_down, process) for process in processes])
 
     def start(self, service: str) -> None:
         """Start one service (if not running) and wait until it answers; its data is kept."""
@@ -110,35 +151,109 @@ class LocalStack:
         """Stop one service; its data stays for the next start."""
         self.down((service,))
 
+    def kill_broker(self, node_id: int) -> int:
+        """SIGKILL Kafka node ``node_id`` (a crash: no clean shutdown); returns its pid.
+
+        Its data and stale pid file stay; `start_broker` (or `up`) starts it again."""
+        unit = self._kafka_unit(node_id)
+        pid = unit.process.kill()
+        self._sayer(unit.name)(f"killed (pid {pid})")
+        return pid
+
+    def start_broker(self, node_id: int) -> None:
+        """Start Kafka node ``node_id`` again (after `kill_broker`) and wait until it answers."""
+        self._interrupted.clear()
+        self._bring_up(self._kafka_unit(node_id))
+
     def status(self) -> dict[str, ServiceStatus]:
-        """Every service's state, by name; asks each running service one health question."""
+        """Every process's state, by name; asks each running one a health question.
+
+        Kafka nodes of another STACK_KAFKA_BROKERS than this stack's are listed while they run.
+        """
         statuses: dict[str, ServiceStatus] = {}
-        for name in SERVICE_NAMES:
-            service, process = self._services[name], self._processes[name]
-            pid = process.running_pid()
+        for name, unit in self._units.items():
+            pid = unit.process.running_pid()
             statuses[name] = ServiceStatus(
                 name=name,
                 running=pid is not None,
                 pid=pid,
+                url=unit.service.address,
+                healthy=pid is not None and unit.service.is_healthy(),
+                log_path=unit.process.log_path,
+            )
+        for process in self._other_kafka_processes():
+            pid = process.running_pid()
+            ports = process.running_ports(pid) if pid is not None else None
+            if pid is None or ports is None or len(ports) != 2:
+                continue
+            node = KafkaNode(node_id_of(process.name) or 1, ports[0], ports[1], process.name)
+            service = KafkaService(self.settings, self.layout, node, (node,))
+            statuses[process.name] = ServiceStatus(
+                name=process.name,
+                running=True,
+                pid=pid,
                 url=service.address,
-                healthy=pid is not None and service.is_healthy(),
+                healthy=service.is_healthy(),
                 log_path=process.log_path,
             )
         return statuses
 
-    def log_path(self, service: str) -> Path:
-        (name,) = parse_service_names((service,))
-        return self._processes[name].log_path
+    def log_path(self, name: str) -> Path:
+        """The log of a process (``kafka-2``), or of a service's first process (``kafka``)."""
+        if name in self._units:
+            return self._units[name].process.log_path
+        (service,) = parse_service_names((name,))
+        return self._units_of((service,))[0].process.log_path
 
-    def _for_each(
-        self, names: tuple[ServiceName, ...], action: Callable[[ServiceName], None]
-    ) -> None:
-        if not names:
+    def _units_of(self, names: Iterable[ServiceName]) -> list[_Unit]:
+        wanted = set(names)
+        return [unit for unit in self._units.values() if unit.service.name in wanted]
+
+    def _kafka_unit(self, node_id: int) -> _Unit:
+        for node in self.kafka_nodes:
+            if node.node_id == node_id:
+                return self._units[node.process_name]
+        raise StackError(
+            f"no Kafka node {node_id}: this stack has nodes "
+            f"{', '.join(str(node.node_id) for node in self.kafka_nodes)}"
+        )
+
+    def _other_kafka_processes(self) -> list[ServiceProcess]:
+        """Kafka processes of this state folder that this stack's settings do not name."""
+        return [
+            ServiceProcess(name, self.layout)
+            for name in self.layout.recorded_processes()
+            if node_id_of(name) is not None and name not in self._units
+        ]
+
+    def _check_no_other_kafka(self) -> None:
+        running = {
+            process.name: pid
+            for process in self._other_kafka_processes()
+            if (pid := process.running_pid()) is not None
+        }
+        if running:
+            found = ", ".join(f"{name} (pid {pid})" for name, pid in running.items())
+            brokers = self.settings.kafka_brokers
+            # The nodes running may be a whole stack of another size: then say which.
+            size = len(running)
+            other = kafka_nodes(self.settings.model_copy(update={"kafka_brokers": size}))
+            same_size = {node.process_name for node in other} == set(running)
+            hint = f"use --brokers {size} (STACK_KAFKA_BROKERS={size}), or " if same_size else ""
+            raise StackError(
+                f"Kafka of {self.layout.root} is running as {found}, not as the "
+                f"{'node' if brokers == 1 else f'{brokers} nodes'} STACK_KAFKA_BROKERS={brokers} "
+                f"asks for; {hint}run `trace-processor stack down kafka` first (each size "
+                "keeps its own data)"
+            )
+
+    def _in_parallel(self, actions: Sequence[Callable[[], None]]) -> None:
+        if not actions:
             return
         self._interrupted.clear()
-        pool = ThreadPoolExecutor(max_workers=len(names), thread_name_prefix="stack")
+        pool = ThreadPoolExecutor(max_workers=len(actions), thread_name_prefix="stack")
         try:
-            futures: list[Future[None]] = [pool.submit(action, name) for name in names]
+            futures: list[Future[None]] = [pool.submit(action) for action in actions]
             wait(futures)
         except BaseException:
             # Ctrl-C lands in this thread; the workers see the flag at their next poll, so
@@ -158,13 +273,13 @@ class LocalStack:
         if failures:
             raise StackError("\n".join(str(failure) for failure in failures)) from failures[0]
 
-    def _bring_up(self, name: ServiceName) -> None:
-        service, process = self._services[name], self._processes[name]
-        say = self._sayer(name)
+    def _bring_up(self, unit: _Unit) -> None:
+        service, process = unit.service, unit.process
+        say = self._sayer(unit.name)
         pid = process.running_pid()
         if pid is not None:
-            self._check_same_ports(service, process, pid)
-            if service.is_healthy() or self._wait_for_running_service(service, process, pid):
+            self._check_same_ports(unit, pid)
+            if service.is_healthy() or self._wait_for_running_service(unit, pid):
                 say(f"already running (pid {pid}) at {service.address}")
                 return
             # It exited while we waited (it was dying when we looked): start it afresh.
@@ -172,42 +287,41 @@ class LocalStack:
             say("its previous run died; removed the stale pid file and leftover processes")
         # Checked before and after prepare: a fetch can take a minute, and an early "port
         # taken" saves the wait.
-        self._check_ports_free(service)
+        self._check_ports_free(unit)
         launch = service.prepare(say)
-        self._check_ports_free(service)
+        self._check_ports_free(unit)
         started = time.monotonic()
         pid = process.spawn(launch, ports=list(service.ports.values()))
         say(f"starting (pid {pid}), log {process.log_path}")
-        self._wait_until_healthy(service, process)
+        self._wait_until_healthy(unit)
         say(f"up at {service.address} in {time.monotonic() - started:.1f} s")
 
-    def _bring_down(self, name: ServiceName) -> None:
-        say = self._sayer(name)
-        pid = self._processes[name].stop(grace_s=_STOP_GRACE_S)
-        say(f"stopped (pid {pid})" if pid is not None else "not running")
+    def _bring_down(self, process: ServiceProcess) -> None:
+        pid = process.stop(grace_s=_STOP_GRACE_S)
+        self._sayer(process.name)(f"stopped (pid {pid})" if pid is not None else "not running")
 
-    def _wait_until_healthy(self, service: StackService, process: ServiceProcess) -> None:
+    def _wait_until_healthy(self, unit: _Unit) -> None:
         """Wait for a service this stack just started; stop it if it never answers."""
+        service, process = unit.service, unit.process
         timeout_s = self.settings.start_timeout_s
         deadline = time.monotonic() + timeout_s
         while not service.is_healthy():
             exit_code = process.exit_code()
             if exit_code is not None:
-                raise self._died_error(service.name, process, exit_code)
+                raise self._died_error(process, exit_code)
             if time.monotonic() >= deadline:
                 process.stop(grace_s=_STOP_GRACE_S)
                 raise StackError(
-                    f"{service.name} did not answer within {timeout_s:.0f} s and was stopped; "
+                    f"{unit.name} did not answer within {timeout_s:.0f} s and was stopped; "
                     f"see {process.log_path}; on a slow machine raise STACK_START_TIMEOUT_S"
                 )
-            self._pause(service.name)
+            self._pause(unit.name)
 
-    def _wait_for_running_service(
-        self, service: StackService, process: ServiceProcess, pid: int
-    ) -> bool:
+    def _wait_for_running_service(self, unit: _Unit, pid: int) -> bool:
         """Wait for a service found running (still starting, or dying): True once it answers,
         False when it exits first."""
-        self._sayer(service.name)(f"running (pid {pid}) but not answering yet; waiting")
+        service, process = unit.service, unit.process
+        self._sayer(unit.name)(f"running (pid {pid}) but not answering yet; waiting")
         timeout_s = self.settings.start_timeout_s
         deadline = time.monotonic() + timeout_s
         while not service.is_healthy():
@@ -215,27 +329,28 @@ class LocalStack:
                 return False
             if time.monotonic() >= deadline:
                 raise StackError(
-                    f"{service.name} (pid {pid}) is running but has not answered for "
+                    f"{unit.name} (pid {pid}) is running but has not answered for "
                     f"{timeout_s:.0f} s; see {process.log_path}; run "
                     f"`trace-processor stack down {service.name}` and retry"
                 )
-            self._pause(service.name)
+            self._pause(unit.name)
         return True
 
-    def _pause(self, name: ServiceName) -> None:
+    def _pause(self, name: str) -> None:
         if self._interrupted.wait(_POLL_INTERVAL_S):
             raise StackError(f"{name}: interrupted while waiting for it to answer")
 
     @staticmethod
-    def _died_error(name: ServiceName, process: ServiceProcess, exit_code: int) -> StackError:
+    def _died_error(process: ServiceProcess, exit_code: int) -> StackError:
         process.stop(grace_s=_STOP_GRACE_S)  # its workers may outlive it; also drops the pid file
         tail = "".join(f"\n  | {line}" for line in process.log_tail())
         return StackError(
-            f"{name} exited with code {exit_code} while starting; see {process.log_path}{tail}"
+            f"{process.name} exited with code {exit_code} while starting; "
+            f"see {process.log_path}{tail}"
         )
 
-    def _check_ports_free(self, service: StackService) -> None:
-        for setting, port in service.ports.items():
+    def _check_ports_free(self, unit: _Unit) -> None:
+        for setting, port in unit.service.ports.items():
             deadline = time.monotonic() + _PORT_RELEASE_S
             while not port_is_free(port):
                 holder = port_listener(port)
@@ -247,36 +362,42 @@ class LocalStack:
                     continue
                 by_whom = f" by {holder}" if holder is not None else ""
                 raise StackError(
-                    f"port {port} for {service.name} is already in use{by_whom}; stop that process "
-                    f"or choose another port with STACK_{setting.upper()}"
+                    f"port {port} for {unit.name} is already in use{by_whom}; stop that process "
+                    f"or choose another port with {_variable(setting)}"
                 )
 
     @staticmethod
-    def _check_same_ports(service: StackService, process: ServiceProcess, pid: int) -> None:
-        running_ports = process.running_ports(pid)
-        wanted = tuple(service.ports.values())
+    def _check_same_ports(unit: _Unit, pid: int) -> None:
+        running_ports = unit.process.running_ports(pid)
+        wanted = tuple(unit.service.ports.values())
         if running_ports is not None and running_ports != wanted:
             raise StackError(
-                f"{service.name} is already running (pid {pid}) on ports "
+                f"{unit.name} is already running (pid {pid}) on ports "
                 f"{', '.join(map(str, running_ports))}, not {', '.join(map(str, wanted))}; "
-                f"run `trace-processor stack down {service.name}` first"
+                f"run `trace-processor stack down {unit.service.name}` first"
             )
 
     def _check_ports_distinct(self) -> None:
         owners: dict[int, str] = {}
-        for service in self._services.values():
-            for setting, port in service.ports.items():
+        for unit in self._units.values():
+            for setting, port in unit.service.ports.items():
                 if port in owners:
                     raise StackError(
-                        f"STACK_{owners[port].upper()} and STACK_{setting.upper()} are both "
+                        f"{_variable(owners[port])} and {_variable(setting)} are both "
                         f"{port}; give each its own port"
                     )
                 owners[port] = setting
 
-    def _sayer(self, name: ServiceName) -> Say:
+    def _sayer(self, name: str) -> Say:
         def say(text: str) -> None:
             self._console.print(
                 f"[bold]{name:<8}[/bold] {escape(text)}", highlight=False, soft_wrap=True
             )
 
         return say
+
+
+def _variable(setting: str) -> str:
+    """The variable that sets a port: ``kafka_port+2`` (node 2's) is STACK_KAFKA_PORT + 2."""
+    name, plus, offset = setting.partition("+")
+    return f"STACK_{name.upper()}" + (f" + {offset}" if plus else "")

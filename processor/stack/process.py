@@ -131,6 +131,14 @@ def terminate_group(
     return _wait_for_group_exit(group_id, 5.0, reap)
 
 
+def kill_group(
+    group_id: int, *, timeout_s: float = 10.0, reap: Callable[[], object] = lambda: None
+) -> bool:
+    """SIGKILL a whole process group at once, as a crash would end it; True once it is gone."""
+    _signal_group(group_id, signal.SIGKILL)
+    return _wait_for_group_exit(group_id, timeout_s, reap)
+
+
 def _wait_for_group_exit(group_id: int, timeout_s: float, reap: Callable[[], object]) -> bool:
     deadline = time.monotonic() + timeout_s
     while True:

@@ -18,8 +18,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from processor.errors import StackError
-from processor.stack.layout import ServiceName, StackLayout
-from processor.stack.process import group_is_alive, pid_is_alive, read_environment, terminate_group
+from processor.stack.layout import StackLayout
+from processor.stack.process import (
+    group_is_alive,
+    kill_group,
+    pid_is_alive,
+    read_environment,
+    terminate_group,
+)
 from processor.stack.service import LaunchSpec
 
 _MARK_SERVICE = "TRACE_PROCESSOR_STACK_SERVICE"
@@ -30,9 +36,12 @@ _TAIL_BYTES = 64 * 1024
 
 
 class ServiceProcess:
-    """The process of one service in one state folder (which may or may not be running)."""
+    """The process of one service (or Kafka node) in one state folder, running or not.
 
-    def __init__(self, name: ServiceName, layout: StackLayout) -> None:
+    ``name`` is the process's: ``phoenix``, ``kafka``, ``kafka-2``, ... (see layout.py).
+    """
+
+    def __init__(self, name: str, layout: StackLayout) -> None:
         self.name = name
         self._layout = layout
         # Set when this object started the process: we are its parent and must reap it.
@@ -57,6 +66,10 @@ class ServiceProcess:
         pid = self.recorded_pid()
         if pid is None or not self._leader_alive(pid):
             return None
+        if self._child is not None and self._child.pid == pid:
+            # Our own child, not reaped, so its pid cannot have been reused; and until it has
+            # exec'd, its environment is still ours, without the markers.
+            return pid
         return pid if self._is_ours(pid) else None
 
     def running_ports(self, pid: int) -> tuple[int, ...] | None:
@@ -139,6 +152,18 @@ class ServiceProcess:
             stopped = pid
         self.pid_path.unlink(missing_ok=True)
         return stopped
+
+    def kill(self) -> int:
+        """SIGKILL the running process group, as a crash would: no clean shutdown, and the pid
+        file stays behind (the next start cleans it up). Returns the pid that was killed."""
+        pid = self.running_pid()
+        if pid is None:
+            raise StackError(f"{self.name} is not running; nothing to kill")
+        if not kill_group(pid, reap=self._reap):
+            raise StackError(f"{self.name} (process group {pid}) survived SIGKILL")
+        if self._child is not None and self._child.pid == pid:
+            self._child.wait(timeout=5)
+        return pid
 
     def log_tail(self, lines: int = 12) -> list[str]:
         """The last lines the current (or latest) run wrote to the log."""

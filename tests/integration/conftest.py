@@ -41,6 +41,36 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackEndpoints]:
         local.down()
 
 
+@pytest.fixture(scope="session")
+def kafka_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """A Kafka cluster of three nodes (`stack up --brokers 3`) for the session, which tests may
+    kill and restart nodes of; Phoenix and MLflow are the ``stack`` fixture's.
+
+    Its ports (TEST_KAFKA_CLUSTER_BASE_PORT and the five above it) lie below Linux's ephemeral
+    range (32768-60999): a client retrying to connect to a killed node's port in that range can
+    be given that very port as its own source port, connect to itself, and keep the restarted
+    node from binding it.
+    """
+    base = int(os.environ.get("TEST_KAFKA_CLUSTER_BASE_PORT", "29292"))
+    settings = StackSettings(
+        dir=tmp_path_factory.mktemp("kafka-cluster"),
+        kafka_brokers=3,
+        kafka_port=base,
+        kafka_controller_port=base + 1,
+        # Not started; set so that nothing defaults to another stack's ports.
+        phoenix_port=base + 10,
+        phoenix_grpc_port=base + 11,
+        mlflow_port=base + 12,
+        start_timeout_s=300,
+    )
+    local = LocalStack(settings)
+    try:
+        local.up(("kafka",))
+        yield local
+    finally:
+        local.down(("kafka",))
+
+
 @pytest.fixture
 def unique_name(request: pytest.FixtureRequest) -> str:
     """A short name for this test's topics, group, project and experiment."""
@@ -51,3 +81,28 @@ def unique_name(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def work_dir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+@pytest.fixture
+def lone_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """A single-node Kafka of the test's own, started; the test may kill and restart it.
+
+    Its ports (TEST_KAFKA_LONE_PORT and the one above) lie below Linux's ephemeral range, for
+    the reason ``kafka_cluster`` gives."""
+    port = int(os.environ.get("TEST_KAFKA_LONE_PORT", "29392"))
+    settings = StackSettings(
+        dir=tmp_path_factory.mktemp("lone-broker"),
+        kafka_port=port,
+        kafka_controller_port=port + 1,
+        # Not started; set so that nothing defaults to another stack's ports.
+        phoenix_port=port + 10,
+        phoenix_grpc_port=port + 11,
+        mlflow_port=port + 12,
+        start_timeout_s=300,
+    )
+    local = LocalStack(settings)
+    try:
+        local.up(("kafka",))
+        yield local
+    finally:
+        local.down(("kafka",))
