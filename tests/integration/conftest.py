@@ -52,23 +52,7 @@ def kafka_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSta
     node from binding it.
     """
     base = int(os.environ.get("TEST_KAFKA_CLUSTER_BASE_PORT", "29292"))
-    settings = StackSettings(
-        dir=tmp_path_factory.mktemp("kafka-cluster"),
-        kafka_brokers=3,
-        kafka_port=base,
-        kafka_controller_port=base + 1,
-        # Not started; set so that nothing defaults to another stack's ports.
-        phoenix_port=base + 10,
-        phoenix_grpc_port=base + 11,
-        mlflow_port=base + 12,
-        start_timeout_s=300,
-    )
-    local = LocalStack(settings)
-    try:
-        local.up(("kafka",))
-        yield local
-    finally:
-        local.down(("kafka",))
+    yield from _kafka_only(tmp_path_factory.mktemp("kafka-cluster"), base, brokers=3)
 
 
 @pytest.fixture
@@ -90,8 +74,14 @@ def lone_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack
     Its ports (TEST_KAFKA_LONE_PORT and the one above) lie below Linux's ephemeral range, for
     the reason ``kafka_cluster`` gives."""
     port = int(os.environ.get("TEST_KAFKA_LONE_PORT", "29392"))
+    yield from _kafka_only(tmp_path_factory.mktemp("lone-broker"), port, brokers=1)
+
+
+def _kafka_only(state: Path, port: int, *, brokers: int) -> Iterator[LocalStack]:
+    """Kafka alone (``brokers`` nodes from ``port`` up), started, and stopped afterwards."""
     settings = StackSettings(
-        dir=tmp_path_factory.mktemp("lone-broker"),
+        dir=state,
+        kafka_brokers=brokers,
         kafka_port=port,
         kafka_controller_port=port + 1,
         # Not started; set so that nothing defaults to another stack's ports.

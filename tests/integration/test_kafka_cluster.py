@@ -177,11 +177,24 @@ def _busiest_leader(bootstrap: str, env: dict[str, str]) -> int:
     return busiest_leader(asyncio.run(partition_leaders(bootstrap, env["PROCESSOR_SPANS_TOPIC"])))
 
 
+@pytest.mark.parametrize(
+    ("victim", "seed"),
+    [
+        # the coordinator of the worker's aggregating consumer group
+        pytest.param(_group_coordinator, 51, id="group-coordinator"),
+        # the broker that leads the most partitions of the spans topic
+        pytest.param(_busiest_leader, 53, id="busiest-leader"),
+    ],
+)
 def test_a_broker_killed_mid_stream_and_restarted_loses_and_doubles_nothing(
-    kafka_cluster: LocalStack, stack: StackEndpoints, unique_name: str, work_dir: Path
+    kafka_cluster: LocalStack,
+    stack: StackEndpoints,
+    unique_name: str,
+    work_dir: Path,
+    victim: Callable[[str, dict[str, str]], int],
+    seed: int,
 ) -> None:
-    """The broker killed is the coordinator of the worker's aggregating consumer group."""
-    fault = KillOneNode(kafka_cluster, _group_coordinator)
+    fault = KillOneNode(kafka_cluster, victim)
 
     run = run_through_broker_fault(
         kafka_bootstrap=kafka_cluster.endpoints.kafka_bootstrap,
@@ -190,27 +203,7 @@ def test_a_broker_killed_mid_stream_and_restarted_loses_and_doubles_nothing(
         work_dir=work_dir,
         fault=fault,
         lateness_ms=LATENESS_MS,
-        seed=51,
-    )
-
-    assert fault.node_id is not None
-    _assert_replicated(kafka_cluster, run.env)
-
-
-def test_the_busiest_leader_killed_mid_stream_and_restarted_loses_and_doubles_nothing(
-    kafka_cluster: LocalStack, stack: StackEndpoints, unique_name: str, work_dir: Path
-) -> None:
-    """The broker killed leads the most partitions of the spans topic."""
-    fault = KillOneNode(kafka_cluster, _busiest_leader)
-
-    run = run_through_broker_fault(
-        kafka_bootstrap=kafka_cluster.endpoints.kafka_bootstrap,
-        services=stack,
-        name=unique_name,
-        work_dir=work_dir,
-        fault=fault,
-        lateness_ms=LATENESS_MS,
-        seed=53,
+        seed=seed,
     )
 
     assert fault.node_id is not None
