@@ -7,6 +7,7 @@ import sys
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from processor.config_command import config_command
 from processor.demo import demo_command
@@ -44,7 +45,7 @@ def worker(roles: str | None) -> None:
         settings = load_worker_settings(**overrides)
         run_worker(settings)
     except ProcessorError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
         sys.exit(1)
 
 
@@ -62,7 +63,7 @@ def topics_create() -> None:
     try:
         counts = asyncio.run(ensure_topics(load_worker_settings()))
     except ProcessorError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
         sys.exit(1)
     for name, partitions in sorted(counts.items()):
         click.echo(f"{name}: {partitions} partitions")

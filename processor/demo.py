@@ -14,6 +14,7 @@ import time
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from processor.errors import ProcessorError
 from processor.settings import load_stack_settings
@@ -32,7 +33,7 @@ def demo_command(rate: float, duration: float, window_size_ms: int) -> None:
         stack_settings = load_stack_settings()
         endpoints = LocalStack(stack_settings, console=console).up()
     except ProcessorError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
         sys.exit(1)
     env = {
         **os.environ,

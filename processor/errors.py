@@ -33,7 +33,8 @@ class ConfigurationError(ProcessorError):
         lines = []
         for error in exc.errors():
             name = ".".join(str(part) for part in error["loc"]) or "settings"
-            lines.append(f"  {name}: {error['msg']}")
+            # pydantic prefixes a validator's own message with "Value error, ": noise here.
+            lines.append(f"  {name}: {error['msg'].removeprefix('Value error, ')}")
         return cls("invalid configuration:\n" + "\n".join(lines))
 
 

@@ -9,13 +9,15 @@ down; core code never reads the environment.
 
 from __future__ import annotations
 
+import ssl
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
 from pydantic import (
     AliasChoices,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     ValidationInfo,
@@ -26,6 +28,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from processor.core.sampling import SamplingPolicy
 from processor.errors import ConfigurationError
+from processor.kafka_security import (
+    SASL_PROTOCOLS,
+    TLS_PROTOCOLS,
+    SaslMechanism,
+    SecurityProtocol,
+    build_ssl_context,
+)
 
 Role = Literal["aggregate", "finalize", "forward"]
 ROLES: tuple[Role, ...] = ("aggregate", "finalize", "forward")
@@ -44,6 +53,60 @@ class KafkaClientSettings(BaseSettings):
         description="Kafka brokers, comma-separated host:port.",
     )
 
+    kafka_security_protocol: SecurityProtocol = Field(
+        default="PLAINTEXT",
+        validation_alias=AliasChoices("KAFKA_SECURITY_PROTOCOL", "kafka_security_protocol"),
+        description="How clients talk to the brokers: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.",
+    )
+    kafka_sasl_mechanism: SaslMechanism | None = Field(
+        default=None,
+        validation_alias=AliasChoices("KAFKA_SASL_MECHANISM", "kafka_sasl_mechanism"),
+        description="SASL mechanism with a SASL_* protocol: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512.",
+    )
+    kafka_sasl_username: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("KAFKA_SASL_USERNAME", "kafka_sasl_username"),
+        description="SASL user name.",
+    )
+    kafka_sasl_password: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("KAFKA_SASL_PASSWORD", "kafka_sasl_password"),
+        description="SASL password. Never logged.",
+    )
+    kafka_ssl_ca_location: Path | None = Field(
+        default=None,
+        validation_alias=AliasChoices("KAFKA_SSL_CA_LOCATION", "kafka_ssl_ca_location"),
+        description="PEM file of the CA(s) that signed the brokers' certificates; unset: the "
+        "system's trusted CAs.",
+    )
+    kafka_ssl_certificate_location: Path | None = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "KAFKA_SSL_CERTIFICATE_LOCATION", "kafka_ssl_certificate_location"
+        ),
+        description="PEM client certificate, for brokers that require mutual TLS.",
+    )
+    kafka_ssl_key_location: Path | None = Field(
+        default=None,
+        validation_alias=AliasChoices("KAFKA_SSL_KEY_LOCATION", "kafka_ssl_key_location"),
+        description="PEM private key of the client certificate.",
+    )
+    kafka_ssl_key_password: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("KAFKA_SSL_KEY_PASSWORD", "kafka_ssl_key_password"),
+        description="Password of an encrypted client key. Never logged.",
+    )
+    kafka_ssl_endpoint_identification_algorithm: Literal["https", "none"] = Field(
+        default="https",
+        validation_alias=AliasChoices(
+            "KAFKA_SSL_ENDPOINT_IDENTIFICATION_ALGORITHM",
+            "kafka_ssl_endpoint_identification_algorithm",
+        ),
+        description="`https`: a broker's certificate must name the host connected to; "
+        "`none` skips that check (the certificate must still be trusted).",
+    )
+    _ssl_context: ssl.SSLContext | None = PrivateAttr(default=None)
+
     @field_validator("kafka_bootstrap_servers")
     @classmethod
     def _servers_look_like_host_port(cls, value: str) -> str:
@@ -55,6 +118,84 @@ class KafkaClientSettings(BaseSettings):
                     "set KAFKA_BOOTSTRAP_SERVERS like 127.0.0.1:9092"
                 )
         return value
+
+    @field_validator(
+        "kafka_sasl_mechanism",
+        "kafka_sasl_username",
+        "kafka_sasl_password",
+        "kafka_ssl_ca_location",
+        "kafka_ssl_certificate_location",
+        "kafka_ssl_key_location",
+        "kafka_ssl_key_password",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # Compose files pass KAFKA_SASL_USERNAME=${KAFKA_SASL_USERNAME:-}: empty means unset.
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _security_is_consistent(self) -> Self:
+        protocol = self.kafka_security_protocol
+        sasl = {
+            "KAFKA_SASL_MECHANISM": self.kafka_sasl_mechanism,
+            "KAFKA_SASL_USERNAME": self.kafka_sasl_username,
+            "KAFKA_SASL_PASSWORD": self.kafka_sasl_password,
+        }
+        tls = {
+            "KAFKA_SSL_CA_LOCATION": self.kafka_ssl_ca_location,
+            "KAFKA_SSL_CERTIFICATE_LOCATION": self.kafka_ssl_certificate_location,
+            "KAFKA_SSL_KEY_LOCATION": self.kafka_ssl_key_location,
+            "KAFKA_SSL_KEY_PASSWORD": self.kafka_ssl_key_password,
+        }
+        if protocol in SASL_PROTOCOLS:
+            missing = [name for name, value in sasl.items() if not value]
+            if missing:
+                raise ValueError(
+                    f"KAFKA_SECURITY_PROTOCOL={protocol} needs {' and '.join(missing)} "
+                    "(mechanism PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)"
+                )
+        else:
+            stray = [name for name, value in sasl.items() if value]
+            if stray:
+                raise ValueError(
+                    f"{', '.join(stray)} set but KAFKA_SECURITY_PROTOCOL={protocol} does not use "
+                    "SASL: set it to SASL_SSL (or SASL_PLAINTEXT), or unset them"
+                )
+        if protocol in TLS_PROTOCOLS:
+            if self.kafka_ssl_key_location and not self.kafka_ssl_certificate_location:
+                raise ValueError(
+                    "KAFKA_SSL_KEY_LOCATION set without KAFKA_SSL_CERTIFICATE_LOCATION: name the "
+                    "client certificate the key belongs to"
+                )
+            if self.kafka_ssl_key_password and not self.kafka_ssl_certificate_location:
+                raise ValueError("KAFKA_SSL_KEY_PASSWORD set without a client certificate and key")
+            self._ssl_context = build_ssl_context(
+                ca_location=self.kafka_ssl_ca_location,
+                certificate_location=self.kafka_ssl_certificate_location,
+                key_location=self.kafka_ssl_key_location,
+                key_password=(
+                    self.kafka_ssl_key_password.get_secret_value()
+                    if self.kafka_ssl_key_password
+                    else None
+                ),
+                check_hostname=self.kafka_ssl_endpoint_identification_algorithm == "https",
+            )
+        else:
+            stray = [name for name, value in tls.items() if value]
+            if stray:
+                raise ValueError(
+                    f"{', '.join(stray)} set but KAFKA_SECURITY_PROTOCOL={protocol} does not use "
+                    "TLS: set it to SSL or SASL_SSL, or unset them"
+                )
+        return self
+
+    @property
+    def kafka_ssl_context(self) -> ssl.SSLContext:
+        """The TLS context of every client; only with KAFKA_SECURITY_PROTOCOL SSL or SASL_SSL."""
+        if self._ssl_context is None:
+            raise ValueError(f"KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} uses no TLS")
+        return self._ssl_context
 
 
 class WorkerSettings(KafkaClientSettings):
@@ -457,6 +598,31 @@ class StackSettings(BaseSettings):
     start_timeout_s: float = Field(
         default=120.0, gt=0, description="How long `stack up` waits for each service."
     )
+    kafka_secure: bool = Field(
+        default=False,
+        description=(
+            "Kafka's client port speaks SASL_SSL (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512) and a "
+            "second port mutual TLS (`stack up --secure`); one node only. Certificates and the "
+            "password are made once in the state folder; client settings go to its client.env."
+        ),
+    )
+    kafka_mtls_port: int = Field(
+        default=9099,
+        ge=1,
+        le=65535,
+        description="The secured Kafka's mutual-TLS port (clients present a certificate).",
+    )
+
+    @model_validator(mode="after")
+    def _secure_kafka_is_one_node(self) -> Self:
+        # The certificates and the SASL user would have to reach every node; one is enough to
+        # try a secured client against.
+        if self.kafka_secure and self.kafka_brokers > 1:
+            raise ValueError(
+                f"STACK_KAFKA_SECURE runs one Kafka node, but STACK_KAFKA_BROKERS is "
+                f"{self.kafka_brokers}: drop --secure or --brokers"
+            )
+        return self
 
 
 def load_worker_settings(**overrides: object) -> WorkerSettings:
@@ -465,6 +631,14 @@ def load_worker_settings(**overrides: object) -> WorkerSettings:
     ``overrides`` (command-line options) take precedence over the environment."""
     try:
         return WorkerSettings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise ConfigurationError.from_validation(exc) from exc
+
+
+def load_kafka_client_settings(**overrides: object) -> KafkaClientSettings:
+    """Read and validate where Kafka is and how to connect; ``overrides`` win."""
+    try:
+        return KafkaClientSettings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         raise ConfigurationError.from_validation(exc) from exc
 

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import click
 
-from processor.errors import StackError
+from processor.errors import ProcessorError, StackError
+from processor.kafka_access import check_kafka_access
+from processor.kafka_security import aiokafka_security_options
 from processor.loadgen.late_order import LateReorderer
 from processor.loadgen.pacing import realtime_traces
 from processor.loadgen.publisher import PublishStats, publish_traces
@@ -26,6 +28,7 @@ from processor.loadgen.redelivery import Delivery, Redelivery, with_redeliveries
 from processor.loadgen.scenario import Scenario
 from processor.loadgen.traces import GeneratedTrace, TraceGenerator
 from processor.loadgen.truth import TruthBuilder
+from processor.settings import load_kafka_client_settings
 
 
 @click.command("loadgen")
@@ -197,12 +200,18 @@ def loadgen_command(
     )
     failure: StackError | None = None
     try:
+        kafka = load_kafka_client_settings(kafka_bootstrap_servers=bootstrap)
+        asyncio.run(check_kafka_access(kafka))
+    except ProcessorError as exc:
+        raise click.ClickException(str(exc)) from exc
+    try:
         asyncio.run(
             publish_traces(
                 with_redeliveries(
                     run.in_publish_order(source), Redelivery(fraction=duplicates, seed=seed)
                 ),
                 bootstrap=bootstrap,
+                security=aiokafka_security_options(kafka),
                 topic=topic,
                 partitions=partitions,
                 progress=sys.stdout.isatty() if progress is None else progress,

@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -65,8 +65,12 @@ class PublishStats:
         )
 
 
-async def ensure_topic(*, bootstrap: str, topic: str, partitions: int) -> bool:
+async def ensure_topic(
+    *, bootstrap: str, topic: str, partitions: int, security: Mapping[str, Any] | None = None
+) -> bool:
     """Create ``topic`` with ``partitions`` partitions unless it exists; True if created.
+
+    ``security``: aiokafka's TLS and SASL options (``kafka_security.aiokafka_security_options``).
 
     Brokers may have topic auto-creation off, and an auto-created topic would get the broker's
     default partition count rather than the one the benchmark asked for. Replicas follow
@@ -74,7 +78,9 @@ async def ensure_topic(*, bootstrap: str, topic: str, partitions: int) -> bool:
     """
     if partitions < 1:
         raise ValueError(f"partitions must be >= 1, got {partitions}")
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="trace-processor-loadgen")
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap, client_id="trace-processor-loadgen", **(security or {})
+    )
     try:
         await admin.start()
         if topic in await admin.list_topics():
@@ -102,6 +108,7 @@ async def publish_traces(
     traces: Iterable[TraceT] | AsyncIterable[TraceT],
     *,
     bootstrap: str,
+    security: Mapping[str, Any] | None = None,
     topic: str = "otlp_spans",
     partitions: int = 4,
     progress: bool = False,
@@ -117,7 +124,7 @@ async def publish_traces(
     Kafka (unless delivery itself fails: then this raises `StackError`). ``progress`` shows a
     rich progress bar (meant for a terminal); ``expected_traces`` sizes its bar.
     """
-    await ensure_topic(bootstrap=bootstrap, topic=topic, partitions=partitions)
+    await ensure_topic(bootstrap=bootstrap, topic=topic, partitions=partitions, security=security)
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap,
         client_id="trace-processor-loadgen",
@@ -127,6 +134,7 @@ async def publish_traces(
         linger_ms=20,
         max_batch_size=1_048_576,
         max_request_size=8_388_608,
+        **(security or {}),
     )
     traces_sent = spans_sent = error_spans = payload_bytes = 0
     in_flight: deque[asyncio.Future[object]] = deque()

@@ -1,7 +1,8 @@
 """Where an agent process publishes its spans, read from the environment.
 
-The names are the worker's: ``KAFKA_BOOTSTRAP_SERVERS`` and ``PROCESSOR_SPANS_TOPIC``, so one
-environment serves both sides. Nothing else of the worker's settings is read: an agent must not
+The names are the worker's: ``KAFKA_BOOTSTRAP_SERVERS``, the ``KAFKA_SECURITY_PROTOCOL`` /
+``KAFKA_SASL_*`` / ``KAFKA_SSL_*`` settings and ``PROCESSOR_SPANS_TOPIC``, so one environment
+serves both sides. Nothing else of the worker's settings is read: an agent must not
 fail to start over a worker setting it does not use.
 """
 

@@ -7,8 +7,9 @@
 
 What it sets up: a ``TracerProvider`` whose resource says who is publishing (``service.name``,
 ``agent.name``, ``openinference.project.name``), a ``BatchSpanProcessor`` feeding a
-``KafkaSpanExporter`` (``KAFKA_BOOTSTRAP_SERVERS``, ``PROCESSOR_SPANS_TOPIC``) exporting every
-second, LangGraph agent naming (``agent_names``), and, when
+``KafkaSpanExporter`` (``KAFKA_BOOTSTRAP_SERVERS``, ``PROCESSOR_SPANS_TOPIC``, and the
+``KAFKA_SECURITY_PROTOCOL`` / ``KAFKA_SASL_*`` / ``KAFKA_SSL_*`` settings the worker reads too)
+exporting every second, LangGraph agent naming (``agent_names``), and, when
 ``openinference-instrumentation-langchain`` is installed, the OpenInference LangChain
 instrumentor. The provider becomes the global one, so a later
 ``LangChainInstrumentor().instrument()`` or ``trace.get_tracer(...)`` uses it too.
@@ -31,6 +32,7 @@ from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.util.types import AttributeValue
 
+from processor.kafka_security import aiokafka_security_options
 from processor.publishing.agent_names import AGENT_NAME, LangGraphAgentSpanProcessor
 from processor.publishing.kafka_exporter import KafkaSpanExporter
 from processor.publishing.settings import load_publisher_settings
@@ -80,11 +82,13 @@ def configure_tracing(
     provider = TracerProvider(resource=Resource.create(attributes))
 
     if exporter is None:
-        if bootstrap_servers is None or topic is None:
-            settings = load_publisher_settings()
-            bootstrap_servers = bootstrap_servers or settings.kafka_bootstrap_servers
-            topic = topic or settings.spans_topic
-        exporter = KafkaSpanExporter(bootstrap_servers=bootstrap_servers, topic=topic)
+        # Read even when both are given: how to connect (TLS, SASL) comes from the environment.
+        settings = load_publisher_settings()
+        exporter = KafkaSpanExporter(
+            bootstrap_servers=bootstrap_servers or settings.kafka_bootstrap_servers,
+            topic=topic or settings.spans_topic,
+            producer_options=aiokafka_security_options(settings),
+        )
     schedule_delay_ms = (
         None if os.environ.get("OTEL_BSP_SCHEDULE_DELAY") else DEFAULT_SCHEDULE_DELAY_MS
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -49,14 +50,28 @@ def stack_group() -> None:
     help="Kafka nodes (broker and controller each); 3 makes a cluster that survives the loss "
     "of one [default: STACK_KAFKA_BROKERS, else 1].",
 )
-def up(services: tuple[str, ...], brokers: int | None) -> None:
+@click.option(
+    "--secure/--plaintext",
+    default=None,
+    help="Kafka as one node with SASL_SSL (PLAIN, SCRAM) and mutual-TLS listeners, its "
+    "certificates and password made in the state folder [default: STACK_KAFKA_SECURE, else "
+    "plaintext].",
+)
+def up(services: tuple[str, ...], brokers: int | None, secure: bool | None) -> None:
     """Start SERVICES (default: all) and wait until they answer; running ones are left alone."""
     console = Console()
     with _fail_on_stack_errors(console):
-        overrides = {} if brokers is None else {"kafka_brokers": brokers}
+        overrides: dict[str, object] = {}
+        if brokers is not None:
+            overrides["kafka_brokers"] = brokers
+        if secure is not None:
+            overrides["kafka_secure"] = secure
         stack = LocalStack(load_stack_settings(**overrides), console=console)
         endpoints = stack.up(services or SERVICE_NAMES)
-    _print_endpoints(console, endpoints)
+        # Once the secured Kafka has been up (not when only Phoenix or MLflow were asked for).
+        secured = stack.settings.kafka_secure and stack.kafka_client_env_path().exists()
+        kafka = secured_kafka_summary(stack) if secured else None
+    _print_endpoints(console, endpoints, kafka)
 
 
 @stack_group.command("down")
@@ -92,11 +107,33 @@ def status() -> None:
     )
 
 
-def _print_endpoints(console: Console, endpoints: StackEndpoints) -> None:
+def _print_endpoints(console: Console, endpoints: StackEndpoints, kafka: str | None) -> None:
     # In the spelling the worker's settings read, ready to paste into a shell or .env.
     console.print(
-        f"KAFKA_BOOTSTRAP_SERVERS={endpoints.kafka_bootstrap}\n"
+        f"{kafka or f'KAFKA_BOOTSTRAP_SERVERS={endpoints.kafka_bootstrap}'}\n"
         f"PHOENIX_COLLECTOR_ENDPOINT={endpoints.phoenix_url}\n"
         f"MLFLOW_TRACKING_URI={endpoints.mlflow_url}",
         highlight=False,
+        markup=False,
+        soft_wrap=True,
     )
+
+
+def secured_kafka_summary(stack: LocalStack) -> str:
+    """What a client of the secured Kafka sets, but for the password: where to find it, and
+    the line that sets them all from the stack's client.env."""
+    env_path = stack.kafka_client_env_path()
+    mtls_path = stack.kafka_client_env_path(mutual_tls=True)
+    mtls_bootstrap = stack.kafka_client_env(mutual_tls=True)["KAFKA_BOOTSTRAP_SERVERS"]
+    lines = [
+        f"{name}={value}"
+        for name, value in stack.kafka_client_env().items()
+        if value and name != "KAFKA_SASL_PASSWORD"
+    ]
+    lines += [
+        f"KAFKA_SASL_PASSWORD: in {env_path}",
+        f"# all of them: set -a; . {shlex.quote(str(env_path))}; set +a",
+        f"# mutual TLS on {mtls_bootstrap} instead: set -a; . {shlex.quote(str(mtls_path))}; "
+        "set +a",
+    ]
+    return "\n".join(lines)

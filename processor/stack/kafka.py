@@ -2,6 +2,12 @@
 
 One `KafkaService` runs one node (`kafka_nodes` says where each runs). The nodes of a cluster
 are formatted with one cluster id, made on the first start and kept in the state folder.
+
+A secured node (``STACK_KAFKA_SECURE``) has no plaintext client listener: clients reach it
+with SASL_SSL on its client port (PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512, one user), or with
+mutual TLS on its mTLS port (a certificate of the stack's CA); the controller listener stays
+plaintext on loopback. Its certificates are kafka_tls.py's; the SASL user's password is made
+with its storage, when the SCRAM credentials are written into it, and kept beside it.
 """
 
 from __future__ import annotations
@@ -9,20 +15,28 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import secrets
+import shlex
 import subprocess
 import threading
 import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
+from pydantic import SecretStr, ValidationError
 
 from processor.errors import StackError
+from processor.kafka_security import aiokafka_security_options
 from processor.replication import min_insync_for, replication_for
-from processor.settings import StackSettings
+from processor.settings import KafkaClientSettings, StackSettings
 from processor.stack.kafka_jars import KafkaClasspath, find_java, resolve_kafka_classpath
 from processor.stack.kafka_nodes import KafkaNode
-from processor.stack.layout import ServiceName, StackLayout
+from processor.stack.layout import KafkaTlsFiles, ServiceName, StackLayout, write_file
 from processor.stack.ports import LOOPBACK, port_accepts_connections
 from processor.stack.service import LaunchSpec, Say
 
@@ -36,6 +50,39 @@ _SLF4J_SIMPLE_FLAGS = (
     "-Dorg.slf4j.simpleLogger.showDateTime=true",
     "-Dorg.slf4j.simpleLogger.dateTimeFormat=yyyy-MM-dd'T'HH:mm:ss.SSS",
 )
+
+SASL_USERNAME = "trace_processor"
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+_SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512")
+# The stack's own clients of a secured node (its health check) use the strongest mechanism.
+STACK_CLIENT_MECHANISM = "SCRAM-SHA-512"
+SASL_LISTENER = "SASL_SSL"
+MTLS_LISTENER = "MTLS"
+# Every security setting of KafkaClientSettings that may be empty: a client environment sets
+# all of them, so that sourcing one env file clears what another left in the shell.
+CLIENT_SECURITY_VARIABLES = (
+    "KAFKA_SECURITY_PROTOCOL",
+    "KAFKA_SASL_MECHANISM",
+    "KAFKA_SASL_USERNAME",
+    "KAFKA_SASL_PASSWORD",
+    "KAFKA_SSL_CA_LOCATION",
+    "KAFKA_SSL_CERTIFICATE_LOCATION",
+    "KAFKA_SSL_KEY_LOCATION",
+    "KAFKA_SSL_KEY_PASSWORD",
+)
+_MASK = "***"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BrokerSecurity:
+    """What a secured node's listeners need: its keystore, the CA that client certificates must
+    chain to (PEM), and its one SASL user."""
+
+    keystore: Path
+    keystore_password: SecretStr
+    truststore: Path
+    sasl_username: str
+    sasl_password: SecretStr
 
 
 def new_cluster_id() -> str:
@@ -66,23 +113,26 @@ def shared_cluster_id(path: Path) -> str:
     return path.read_text().strip()
 
 
-def server_properties(node: KafkaNode, voters: tuple[KafkaNode, ...], data_dir: Path) -> str:
-    """One node's configuration: loopback only, every node of ``voters`` in the quorum."""
+def server_properties(
+    node: KafkaNode,
+    voters: tuple[KafkaNode, ...],
+    data_dir: Path,
+    security: BrokerSecurity | None = None,
+) -> str:
+    """One node's configuration: loopback only, every node of ``voters`` in the quorum; with
+    ``security`` (for a node with an mTLS port) its client listeners are the secured ones."""
     replication = replication_for(len(voters))
     min_insync = min_insync_for(replication)
+    listeners = (
+        _plaintext_listeners(node) if security is None else _secured_listeners(node, security)
+    )
     settings = {
         "process.roles": "broker,controller",
         "node.id": str(node.node_id),
         "controller.quorum.voters": ",".join(
             f"{voter.node_id}@{LOOPBACK}:{voter.controller_port}" for voter in voters
         ),
-        "listeners": (
-            f"PLAINTEXT://{LOOPBACK}:{node.port},CONTROLLER://{LOOPBACK}:{node.controller_port}"
-        ),
-        "advertised.listeners": f"PLAINTEXT://{LOOPBACK}:{node.port}",
-        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-        "controller.listener.names": "CONTROLLER",
-        "inter.broker.listener.name": "PLAINTEXT",
+        **listeners,
         "log.dirs": str(data_dir),
         # Internal topics as replicated as the nodes allow: one node cannot hold a second
         # replica, and on a cluster the groups' offsets must outlive a broker.
@@ -101,6 +151,114 @@ def server_properties(node: KafkaNode, voters: tuple[KafkaNode, ...], data_dir: 
     return "".join(f"{key}={value}\n" for key, value in settings.items())
 
 
+def _plaintext_listeners(node: KafkaNode) -> dict[str, str]:
+    return {
+        "listeners": (
+            f"PLAINTEXT://{LOOPBACK}:{node.port},CONTROLLER://{LOOPBACK}:{node.controller_port}"
+        ),
+        "advertised.listeners": f"PLAINTEXT://{LOOPBACK}:{node.port}",
+        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "controller.listener.names": "CONTROLLER",
+        "inter.broker.listener.name": "PLAINTEXT",
+    }
+
+
+def _secured_listeners(node: KafkaNode, security: BrokerSecurity) -> dict[str, str]:
+    if node.mtls_port is None:
+        raise ValueError(f"{node.process_name} has no mTLS port; only a secured node has")
+    sasl = f"{SASL_LISTENER}://{LOOPBACK}:{node.port}"
+    mtls = f"{MTLS_LISTENER}://{LOOPBACK}:{node.mtls_port}"
+    sasl_prefix = f"listener.name.{SASL_LISTENER.lower()}"
+    scram_login = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+    plain_login = (
+        "org.apache.kafka.common.security.plain.PlainLoginModule required "
+        f'user_{security.sasl_username}="{security.sasl_password.get_secret_value()}";'
+    )
+    return {
+        "listeners": f"{sasl},{mtls},CONTROLLER://{LOOPBACK}:{node.controller_port}",
+        "advertised.listeners": f"{sasl},{mtls}",
+        "listener.security.protocol.map": (
+            f"{SASL_LISTENER}:SASL_SSL,{MTLS_LISTENER}:SSL,CONTROLLER:PLAINTEXT"
+        ),
+        "controller.listener.names": "CONTROLLER",
+        # Brokers talk to each other over mutual TLS: the broker's certificate is also a
+        # client certificate, so they need no SASL credentials of their own.
+        "inter.broker.listener.name": MTLS_LISTENER,
+        "sasl.enabled.mechanisms": ",".join(SASL_MECHANISMS),
+        # PLAIN checks passwords against its JAAS options; SCRAM against the credentials the
+        # storage was formatted with, so its login module needs none.
+        f"{sasl_prefix}.plain.sasl.jaas.config": plain_login,
+        **{
+            f"{sasl_prefix}.{mechanism.lower()}.sasl.jaas.config": scram_login
+            for mechanism in _SCRAM_MECHANISMS
+        },
+        "ssl.keystore.type": "PKCS12",
+        "ssl.keystore.location": str(security.keystore),
+        "ssl.keystore.password": security.keystore_password.get_secret_value(),
+        "ssl.truststore.type": "PEM",
+        "ssl.truststore.location": str(security.truststore),
+        "ssl.client.auth": "none",
+        f"listener.name.{MTLS_LISTENER.lower()}.ssl.client.auth": "required",
+    }
+
+
+def scram_format_options(username: str, password: SecretStr) -> list[str]:
+    """The storage tool's options that create ``username`` for every SCRAM mechanism."""
+    secret = password.get_secret_value()
+    options: list[str] = []
+    for mechanism in _SCRAM_MECHANISMS:
+        options += ["--add-scram", f"{mechanism}=[name={username},password={secret}]"]
+    return options
+
+
+def loggable_command(command: Sequence[str], hidden: Iterable[SecretStr]) -> str:
+    """``command`` as one line for a log, each of the ``hidden`` values masked."""
+    line = " ".join(command)
+    for secret in hidden:
+        if value := secret.get_secret_value():
+            line = line.replace(value, _MASK)
+    return line
+
+
+def java_argument_file(arguments: Sequence[str]) -> str:
+    """``arguments`` as a `java @file` argument file: one per line, each in double quotes
+    (inside which the launcher reads backslash escapes)."""
+    quoted = (argument.replace("\\", "\\\\").replace('"', '\\"') for argument in arguments)
+    return "".join(f'"{argument}"\n' for argument in quoted)
+
+
+def secured_client_env(
+    node: KafkaNode, tls: KafkaTlsFiles, sasl_password: SecretStr | None, *, mutual_tls: bool
+) -> dict[str, str]:
+    """The KAFKA_* settings (as KafkaClientSettings reads them) of a client of a secured node:
+    SASL_SSL with SCRAM-SHA-512 as the stack's user, or with ``mutual_tls`` the client
+    certificate on the mTLS port. Settings the variant does not use are empty."""
+    env = {"KAFKA_BOOTSTRAP_SERVERS": node.address, **dict.fromkeys(CLIENT_SECURITY_VARIABLES, "")}
+    env["KAFKA_SSL_CA_LOCATION"] = str(tls.ca)
+    if mutual_tls:
+        env["KAFKA_BOOTSTRAP_SERVERS"] = f"{LOOPBACK}:{node.mtls_port}"
+        env["KAFKA_SECURITY_PROTOCOL"] = "SSL"
+        env["KAFKA_SSL_CERTIFICATE_LOCATION"] = str(tls.client_certificate)
+        env["KAFKA_SSL_KEY_LOCATION"] = str(tls.client_key)
+        return env
+    if sasl_password is None:
+        raise ValueError("a SASL_SSL client needs the SASL password")
+    env["KAFKA_SECURITY_PROTOCOL"] = "SASL_SSL"
+    env["KAFKA_SASL_MECHANISM"] = STACK_CLIENT_MECHANISM
+    env["KAFKA_SASL_USERNAME"] = SASL_USERNAME
+    env["KAFKA_SASL_PASSWORD"] = sasl_password.get_secret_value()
+    return env
+
+
+def env_file_text(env: Mapping[str, str], *, path: Path) -> str:
+    """``env`` as a file both a POSIX shell and a ``.env`` reader take, saying how to use it."""
+    header = (
+        "# Client settings of the local stack's secured Kafka; to set them in a shell:\n"
+        f"#   set -a; . {shlex.quote(str(path))}; set +a\n"
+    )
+    return header + "".join(f"{name}={shlex.quote(value)}\n" for name, value in env.items())
+
+
 class KafkaService:
     """One Kafka node in KRaft mode; its storage is formatted on its first start only."""
 
@@ -116,6 +274,9 @@ class KafkaService:
         self.node = node
         self._voters = voters
         self._home = layout.data_dir(node.process_name)
+        self._tls = layout.kafka_tls
+        # The health check's client settings (a secured node's), made at its first probe.
+        self._probe_settings: KafkaClientSettings | None = None
 
     @property
     def name(self) -> ServiceName:
@@ -129,10 +290,13 @@ class KafkaService:
     def ports(self) -> dict[str, int]:
         # Keyed by setting; a later node's say how far from it they are ("kafka_port+2").
         suffix = f"+{self.node.port_offset}" if self.node.port_offset else ""
-        return {
+        ports = {
             f"kafka_port{suffix}": self.node.port,
             f"kafka_controller_port{suffix}": self.node.controller_port,
         }
+        if self.node.mtls_port is not None:
+            ports["kafka_mtls_port"] = self.node.mtls_port
+        return ports
 
     @property
     def address(self) -> str:
@@ -146,6 +310,10 @@ class KafkaService:
     def _data_dir(self) -> Path:
         return self._home / "data"
 
+    @property
+    def _sasl_password_path(self) -> Path:
+        return self._home / "sasl-password"
+
     def prepare(self, say: Say) -> LaunchSpec:
         java = find_java()
         with _CLASSPATH_LOCK:
@@ -156,13 +324,53 @@ class KafkaService:
                 say=say,
             )
         self._data_dir.mkdir(parents=True, exist_ok=True)
-        # Rewritten on every start, so changed ports take effect; the data stays.
-        self._properties_path.write_text(server_properties(self.node, self._voters, self._data_dir))
+        formatted = (self._data_dir / "meta.properties").exists()
+        security = self._security(say, formatted=formatted) if self.node.secure else None
+        self._probe_settings = None  # the certificates may be new
+        # Rewritten on every start, so changed ports take effect; the data stays. Private: a
+        # secured node's holds passwords.
+        properties = server_properties(self.node, self._voters, self._data_dir, security)
+        write_file(self._properties_path, properties.encode(), private=True)
         jvm = [java, _HEAP, *self._logging_flags(classpath), "-cp", classpath.classpath]
-        if not (self._data_dir / "meta.properties").exists():
+        if not formatted:
             say("formatting Kafka storage (first start only)")
-            self._format_storage(jvm)
+            self._format_storage(jvm, security)
         return LaunchSpec(command=[*jvm, "kafka.Kafka", str(self._properties_path)], cwd=self._home)
+
+    def _security(self, say: Say, *, formatted: bool) -> BrokerSecurity:
+        # Here, not at the top: cryptography comes with the stack extra, and the CLI (which
+        # imports this module) runs without it.
+        try:
+            from processor.stack.kafka_tls import ensure_tls_files
+        except ImportError as exc:
+            raise StackError(
+                "the secured Kafka's certificates need the cryptography package; install the "
+                "stack extra: pip install 'agent-trace-processor[stack]'"
+            ) from exc
+        if ensure_tls_files(self._tls, now=datetime.now(UTC)):
+            say(f"made a throwaway CA and certificates in {self._tls.folder}")
+        return BrokerSecurity(
+            keystore=self._tls.broker_keystore,
+            keystore_password=self._tls.keystore_password(),
+            truststore=self._tls.ca,
+            sasl_username=SASL_USERNAME,
+            sasl_password=self._sasl_password(formatted=formatted),
+        )
+
+    def _sasl_password(self, *, formatted: bool) -> SecretStr:
+        """The SASL user's password, made when the storage is formatted with it."""
+        path = self._sasl_password_path
+        if path.is_file():
+            return SecretStr(path.read_text().strip())
+        if formatted:
+            raise StackError(
+                f"{path} is gone, but the storage in {self._data_dir} holds that password's "
+                f"SCRAM credentials; run `trace-processor stack down kafka`, delete "
+                f"{self._home} (its topics go with it) and start again"
+            )
+        password = secrets.token_hex(24)
+        write_file(path, f"{password}\n".encode(), private=True)
+        return SecretStr(password)
 
     def _logging_flags(self, classpath: KafkaClasspath) -> list[str]:
         if classpath.log4j_config is None:
@@ -177,18 +385,41 @@ class KafkaService:
             return new_cluster_id()
         return shared_cluster_id(self._layout.kafka_cluster_id_path)
 
-    def _format_storage(self, jvm: list[str]) -> None:
+    def _format_storage(self, jvm: list[str], security: BrokerSecurity | None) -> None:
         log_path = self._layout.log_path(self.process_name)
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        command = [
-            *jvm, "kafka.tools.StorageTool", "format", "--ignore-formatted",
+        java = jvm[0]
+        arguments = [
+            *jvm[1:], "kafka.tools.StorageTool", "format", "--ignore-formatted",
             "-t", self._cluster_id(), "-c", str(self._properties_path),
         ]  # fmt: skip
+        hidden: list[SecretStr] = []
+        if security is not None:
+            arguments += scram_format_options(security.sasl_username, security.sasl_password)
+            hidden.append(security.sasl_password)
+        # In a file rather than on the command line, which every local user can read (ps):
+        # the SCRAM options hold the password.
+        argument_file = self._home / "format.args"
+        write_file(argument_file, java_argument_file(arguments).encode(), private=True)
+        shown = loggable_command([java, *arguments], hidden)
+        try:
+            result = self._run_storage_tool([java, f"@{argument_file}"], shown, log_path)
+        finally:
+            argument_file.unlink(missing_ok=True)
+        if result.returncode != 0:
+            raise StackError(
+                f"formatting Kafka storage failed (exit {result.returncode}); see {log_path}; "
+                f"if {self._data_dir} holds a broken earlier attempt, delete it and retry"
+            )
+
+    def _run_storage_tool(
+        self, command: list[str], shown: str, log_path: Path
+    ) -> subprocess.CompletedProcess[bytes]:
         with log_path.open("ab") as log:
-            log.write(f"\n--- formatting storage: {' '.join(command)}\n".encode())
+            log.write(f"\n--- formatting storage: {shown}\n".encode())
             log.flush()
             try:
-                result = subprocess.run(
+                return subprocess.run(
                     command, cwd=self._home, stdin=subprocess.DEVNULL, stdout=log,
                     stderr=subprocess.STDOUT, timeout=_FORMAT_TIMEOUT_S, check=False,
                 )  # fmt: skip
@@ -196,29 +427,51 @@ class KafkaService:
                 raise StackError(
                     f"formatting Kafka storage took over {_FORMAT_TIMEOUT_S:.0f} s; see {log_path}"
                 ) from exc
-        if result.returncode != 0:
+
+    def client_env(self, *, mutual_tls: bool = False) -> dict[str, str]:
+        """A secured node's client settings (see `secured_client_env`); StackError when the
+        node has never been started, so its certificates or password do not exist yet."""
+        if not self.node.secure:
+            raise StackError(f"{self.process_name} is not the secured Kafka node")
+        if not self._tls.complete() or not self._sasl_password_path.is_file():
             raise StackError(
-                f"formatting Kafka storage failed (exit {result.returncode}); see {log_path}; "
-                f"if {self._data_dir} holds a broken earlier attempt, delete it and retry"
+                f"the secured Kafka of {self._layout.root} has not been started yet; run "
+                "`trace-processor stack up --secure kafka`"
             )
+        password = SecretStr(self._sasl_password_path.read_text().strip())
+        return secured_client_env(self.node, self._tls, password, mutual_tls=mutual_tls)
 
     def is_healthy(self) -> bool:
         # A cheap connect first: aiokafka logs an error for every refused connection.
         if not port_accepts_connections(self.node.port):
             return False
         try:
-            return asyncio.run(_broker_answers_metadata(self.address, self.node.node_id))
-        except (TimeoutError, KafkaError, OSError):
+            security = self._probe_security()
+            return asyncio.run(_broker_answers_metadata(self.address, self.node.node_id, security))
+        except (TimeoutError, KafkaError, OSError, StackError, ValidationError):
             return False
 
+    def _probe_security(self) -> dict[str, Any]:
+        """The health check's client options: a secured node's are its SASL_SSL clients'."""
+        if not self.node.secure:
+            return {}
+        if self._probe_settings is None:
+            # Validated like a user's settings, so the check also proves the ones we hand out.
+            self._probe_settings = KafkaClientSettings.model_validate(self.client_env())
+        return aiokafka_security_options(self._probe_settings)
 
-async def _broker_answers_metadata(bootstrap: str, node_id: int) -> bool:
+
+async def _broker_answers_metadata(
+    bootstrap: str, node_id: int, security: Mapping[str, Any]
+) -> bool:
     """A real Metadata round trip, the first request every producer and consumer makes; the
-    node counts once it lists itself, which it does once the quorum has registered it."""
+    node counts once it lists itself, which it does once the quorum has registered it.
+    ``security`` holds aiokafka's TLS and SASL options for a secured node."""
     admin = AIOKafkaAdminClient(
         bootstrap_servers=bootstrap,
         client_id="trace-processor-stack",
         request_timeout_ms=_PROBE_TIMEOUT_MS,
+        **security,
     )
     try:
         async with asyncio.timeout(2 * _PROBE_TIMEOUT_MS / 1000):

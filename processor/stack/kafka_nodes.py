@@ -9,6 +9,11 @@ Node n (from 1) listens for clients on ``STACK_KAFKA_PORT + 2(n-1)`` and for the
 ``STACK_KAFKA_CONTROLLER_PORT + 2(n-1)``: with the defaults 9092/9093, 9094/9095, 9096/9097.
 A single node keeps the names it always had (process ``kafka``: ``kafka/``, ``kafka.log``,
 ``kafka.pid``), so an existing state folder stays valid; a cluster's are ``kafka-<n>``.
+
+The secured node (``STACK_KAFKA_SECURE``, always alone) is process ``kafka-secure``: SCRAM users
+are written into the storage when it is formatted, so it keeps data of its own, and switching
+between plaintext and secured leaves each one's topics where they were. It also listens for
+mutual-TLS clients on ``STACK_KAFKA_MTLS_PORT``.
 """
 
 from __future__ import annotations
@@ -21,17 +26,26 @@ from processor.settings import StackSettings
 from processor.stack.ports import LOOPBACK
 
 PORT_STEP = 2
-_NODE_PROCESS = re.compile(r"kafka(?:-(\d+))?")
+SECURE_PROCESS = "kafka-secure"
+_NODE_PROCESS = re.compile(r"kafka(?:-(\d+)|-secure)?")
 
 
 @dataclass(frozen=True, slots=True)
 class KafkaNode:
-    """One Kafka process: its KRaft node id, its two ports, and the name of its files."""
+    """One Kafka process: its KRaft node id, its ports, and the name of its files.
+
+    A node with an ``mtls_port`` is secured: SASL_SSL on ``port``, mutual TLS on ``mtls_port``.
+    """
 
     node_id: int
     port: int
     controller_port: int
     process_name: str
+    mtls_port: int | None = None
+
+    @property
+    def secure(self) -> bool:
+        return self.mtls_port is not None
 
     @property
     def address(self) -> str:
@@ -45,6 +59,16 @@ class KafkaNode:
 
 def kafka_nodes(settings: StackSettings) -> tuple[KafkaNode, ...]:
     """The nodes the settings ask for, node 1 first."""
+    if settings.kafka_secure:
+        return (
+            KafkaNode(
+                1,
+                settings.kafka_port,
+                settings.kafka_controller_port,
+                SECURE_PROCESS,
+                mtls_port=settings.kafka_mtls_port,
+            ),
+        )
     if settings.kafka_brokers == 1:
         return (KafkaNode(1, settings.kafka_port, settings.kafka_controller_port, "kafka"),)
     return tuple(
@@ -59,11 +83,24 @@ def kafka_nodes(settings: StackSettings) -> tuple[KafkaNode, ...]:
 
 
 def node_id_of(process_name: str) -> int | None:
-    """The node id a Kafka process name stands for (``kafka`` is 1), None for other names."""
+    """The node id a Kafka process name stands for (``kafka`` and ``kafka-secure`` are 1),
+    None for other names."""
     match = _NODE_PROCESS.fullmatch(process_name)
     if match is None:
         return None
     return int(match.group(1)) if match.group(1) else 1
+
+
+def node_of_process(process_name: str, ports: tuple[int, ...]) -> KafkaNode | None:
+    """The node a running Kafka process is, from its name and the ports it was started with
+    (client and controller, then the mutual-TLS one of a secured node); None when they do not
+    fit together."""
+    node_id = node_id_of(process_name)
+    secure = process_name == SECURE_PROCESS
+    if node_id is None or len(ports) != (3 if secure else 2):
+        return None
+    mtls_port = ports[2] if secure else None
+    return KafkaNode(node_id, ports[0], ports[1], process_name, mtls_port=mtls_port)
 
 
 def bootstrap_servers(nodes: Iterable[KafkaNode]) -> str:

@@ -8,6 +8,10 @@ Kafka is one process, or one per node of a cluster (``STACK_KAFKA_BROKERS``, see
 kafka_nodes.py): the service ``kafka`` stands for all of them, and they start in parallel too,
 since no node of a cluster answers before a majority of the quorum runs. One node can be killed
 and started again (``kill_broker``, ``start_broker``) to see what its loss does.
+
+With ``STACK_KAFKA_SECURE`` Kafka is one secured node (see kafka.py); ``kafka_client_env``
+says how a client connects to it, and `up` also writes that to client.env (and
+client-mtls.env) in the state folder.
 """
 
 from __future__ import annotations
@@ -24,10 +28,23 @@ from rich.console import Console
 from rich.markup import escape
 
 from processor.errors import StackError
-from processor.settings import StackSettings
-from processor.stack.kafka import KafkaService
-from processor.stack.kafka_nodes import KafkaNode, bootstrap_servers, kafka_nodes, node_id_of
-from processor.stack.layout import SERVICE_NAMES, ServiceName, StackLayout, parse_service_names
+from processor.settings import KafkaClientSettings, StackSettings
+from processor.stack.kafka import CLIENT_SECURITY_VARIABLES, KafkaService, env_file_text
+from processor.stack.kafka_nodes import (
+    SECURE_PROCESS,
+    KafkaNode,
+    bootstrap_servers,
+    kafka_nodes,
+    node_id_of,
+    node_of_process,
+)
+from processor.stack.layout import (
+    SERVICE_NAMES,
+    ServiceName,
+    StackLayout,
+    parse_service_names,
+    write_file,
+)
 from processor.stack.mlflow import MlflowService
 from processor.stack.phoenix import PhoenixService
 from processor.stack.ports import port_is_free, port_listener
@@ -129,6 +146,8 @@ class LocalStack:
         if "kafka" in names:
             self._check_no_other_kafka()
         self._in_parallel([partial(self._bring_up, unit) for unit in self._units_of(names)])
+        if "kafka" in names and self.settings.kafka_secure:
+            self._write_kafka_client_env()
         return self.endpoints
 
     def down(self, services: Iterable[str] = SERVICE_NAMES) -> None:
@@ -165,6 +184,44 @@ class LocalStack:
         self._interrupted.clear()
         self._bring_up(self._kafka_unit(node_id))
 
+    def kafka_client_env(self, *, mutual_tls: bool = False) -> dict[str, str]:
+        """The KAFKA_* settings of a client of this stack's Kafka, by variable name, as
+        KafkaClientSettings reads them (unused ones are empty).
+
+        Plaintext unless STACK_KAFKA_SECURE; then SASL_SSL with SCRAM-SHA-512 as the stack's
+        user, or with ``mutual_tls`` TLS with the client certificate on the mTLS port. The
+        secured node must have been started once (StackError otherwise). Holds the password:
+        not for logs.
+        """
+        if self.settings.kafka_secure:
+            (node,) = self.kafka_nodes
+            service = self._units[node.process_name].service
+            assert isinstance(service, KafkaService)
+            return service.client_env(mutual_tls=mutual_tls)
+        if mutual_tls:
+            raise StackError(
+                "mutual TLS needs the secured Kafka: `trace-processor stack up --secure`"
+            )
+        return {
+            "KAFKA_BOOTSTRAP_SERVERS": bootstrap_servers(self.kafka_nodes),
+            **dict.fromkeys(CLIENT_SECURITY_VARIABLES, ""),
+            "KAFKA_SECURITY_PROTOCOL": "PLAINTEXT",
+        }
+
+    def kafka_client_settings(self, *, mutual_tls: bool = False) -> KafkaClientSettings:
+        """`kafka_client_env` as validated settings, with nothing from the environment."""
+        return KafkaClientSettings.model_validate(self.kafka_client_env(mutual_tls=mutual_tls))
+
+    def kafka_client_env_path(self, *, mutual_tls: bool = False) -> Path:
+        """Where `up` writes `kafka_client_env` for the secured Kafka (mode 0600)."""
+        return self.layout.kafka_client_env_path(mutual_tls=mutual_tls)
+
+    def _write_kafka_client_env(self) -> None:
+        for mutual_tls in (False, True):
+            path = self.kafka_client_env_path(mutual_tls=mutual_tls)
+            env = self.kafka_client_env(mutual_tls=mutual_tls)
+            write_file(path, env_file_text(env, path=path).encode(), private=True)
+
     def status(self) -> dict[str, ServiceStatus]:
         """Every process's state, by name; asks each running one a health question.
 
@@ -184,9 +241,9 @@ class LocalStack:
         for process in self._other_kafka_processes():
             pid = process.running_pid()
             ports = process.running_ports(pid) if pid is not None else None
-            if pid is None or ports is None or len(ports) != 2:
+            node = node_of_process(process.name, ports) if ports is not None else None
+            if pid is None or node is None:
                 continue
-            node = KafkaNode(node_id_of(process.name) or 1, ports[0], ports[1], process.name)
             service = KafkaService(self.settings, self.layout, node, (node,))
             statuses[process.name] = ServiceStatus(
                 name=process.name,
@@ -235,16 +292,16 @@ class LocalStack:
         if running:
             found = ", ".join(f"{name} (pid {pid})" for name, pid in running.items())
             brokers = self.settings.kafka_brokers
-            # The nodes running may be a whole stack of another size: then say which.
-            size = len(running)
-            other = kafka_nodes(self.settings.model_copy(update={"kafka_brokers": size}))
-            same_size = {node.process_name for node in other} == set(running)
-            hint = f"use --brokers {size} (STACK_KAFKA_BROKERS={size}), or " if same_size else ""
+            if self.settings.kafka_secure:
+                wanted = "secured node STACK_KAFKA_SECURE asks for"
+            else:
+                nodes = "node" if brokers == 1 else f"{brokers} nodes"
+                wanted = f"{nodes} STACK_KAFKA_BROKERS={brokers} asks for"
+            hint = _how_to_match(self.settings, set(running))
             raise StackError(
-                f"Kafka of {self.layout.root} is running as {found}, not as the "
-                f"{'node' if brokers == 1 else f'{brokers} nodes'} STACK_KAFKA_BROKERS={brokers} "
-                f"asks for; {hint}run `trace-processor stack down kafka` first (each size "
-                "keeps its own data)"
+                f"Kafka of {self.layout.root} is running as {found}, not as the {wanted}; "
+                f"{hint}run `trace-processor stack down kafka` first "
+                "(each size, and the secured node, keeps its own data)"
             )
 
     def _in_parallel(self, actions: Sequence[Callable[[], None]]) -> None:
@@ -395,6 +452,24 @@ class LocalStack:
             )
 
         return say
+
+
+def _how_to_match(settings: StackSettings, running: set[str]) -> str:
+    """How to name the Kafka that runs, when it is a whole stack of its own; else nothing."""
+    if running == {SECURE_PROCESS}:
+        return "use --secure (STACK_KAFKA_SECURE=true), or "
+    size = len(running)
+    plaintext = settings.model_copy(update={"kafka_brokers": size, "kafka_secure": False})
+    if {node.process_name for node in kafka_nodes(plaintext)} != running:
+        return ""
+    options, variables = [], []
+    if settings.kafka_secure:
+        options.append("--plaintext")
+        variables.append("STACK_KAFKA_SECURE=false")
+    if size != settings.kafka_brokers:
+        options.append(f"--brokers {size}")
+        variables.append(f"STACK_KAFKA_BROKERS={size}")
+    return f"use {' '.join(options)} ({' '.join(variables)}), or "
 
 
 def _variable(setting: str) -> str:

@@ -21,6 +21,7 @@ from faust.types import TP
 from processor.clock import wall_clock_ms
 from processor.core.semconv import ExtractionConfig
 from processor.errors import ExportError
+from processor.kafka_security import faust_credentials
 from processor.settings import WorkerSettings
 from processor.sinks.mlflow_writer import RollupWriter
 from processor.sinks.phoenix import PhoenixExporter, RetryPolicy
@@ -94,6 +95,7 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
         broker=[
             f"kafka://{server.strip()}" for server in settings.kafka_bootstrap_servers.split(",")
         ],
+        broker_credentials=faust_credentials(settings),
         value_serializer="raw",
         key_serializer="raw",
         web_enabled=False,
@@ -286,9 +288,7 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
     async def on_assigned(app: faust.App, assigned: set[TP], **kwargs: Any) -> None:
         # The repartition's partitions need no state: faust resumes them at the commit.
         taken = [tp for tp in assigned if tp.topic in ours]
-        committed = await committed_metadata(
-            settings.kafka_bootstrap_servers, settings.app_id, taken
-        )
+        committed = await committed_metadata(settings, settings.app_id, taken)
         for tp in taken:
             offset, metadata = committed.get(tp, (None, ""))
             role = aggregate if tp.topic == settings.aggregate_topic else finalize

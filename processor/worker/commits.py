@@ -29,6 +29,9 @@ from aiokafka.structs import TopicPartition as KafkaTopicPartition
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, EventT
 
+from processor.kafka_security import aiokafka_security_options
+from processor.settings import KafkaClientSettings
+
 log = logging.getLogger(__name__)
 
 MAX_METADATA_BYTES = 4096  # the broker's default offset.metadata.max.bytes
@@ -188,13 +191,15 @@ class CheckpointingTransport(faust_aiokafka.Transport):
 
 
 async def committed_metadata(
-    bootstrap_servers: str, group_id: str, tps: Iterable[TP]
+    settings: KafkaClientSettings, group_id: str, tps: Iterable[TP]
 ) -> dict[TP, tuple[int, str]]:
     """The committed offset and metadata of each partition that has a commit."""
     wanted = [KafkaTopicPartition(tp.topic, tp.partition) for tp in tps]
     if not wanted:
         return {}
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka_bootstrap_servers, **aiokafka_security_options(settings)
+    )
     await admin.start()
     try:
         found: Any = await admin.list_consumer_group_offsets(group_id, partitions=wanted)

@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
+from processor.kafka_security import aiokafka_security_options
 from processor.settings import WorkerSettings
 from processor.sinks.phoenix import ExportResult
 from processor.worker.forward import ForwardRole
@@ -45,6 +46,7 @@ class RefusedBatches:
             bootstrap_servers=self._settings.kafka_bootstrap_servers,
             client_id=f"{self._settings.app_id}-forward",
             acks="all",
+            **aiokafka_security_options(self._settings),
         )
         await self._producer.start()
 
@@ -123,6 +125,7 @@ class ForwardConsumer(mode.Service):
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=4 << 20,
             fetch_max_wait_ms=100,
+            **aiokafka_security_options(settings),
         )
         consumer.subscribe([settings.sampled_topic], listener=_Rebalance(self))
         self._consumer = consumer  # the first assignment may come while it starts

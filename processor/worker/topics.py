@@ -16,6 +16,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
 from processor.errors import ConfigurationError, StackError
+from processor.kafka_access import check_kafka_access
+from processor.kafka_security import aiokafka_security_options
 from processor.replication import min_insync_for, replication_for
 from processor.settings import WorkerSettings
 
@@ -130,8 +132,11 @@ async def ensure_topics(settings: WorkerSettings) -> dict[str, int]:
     A partition count that differs from the settings stops start-up: trace ids would hash to
     other partitions than the running workers expect.
     """
+    await check_kafka_access(settings)
     admin = AIOKafkaAdminClient(
-        bootstrap_servers=settings.kafka_bootstrap_servers, client_id=f"{settings.app_id}-admin"
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        client_id=f"{settings.app_id}-admin",
+        **aiokafka_security_options(settings),
     )
     try:
         await admin.start()
