@@ -29,7 +29,7 @@ from rich.markup import escape
 
 from processor.errors import StackError
 from processor.settings import KafkaClientSettings, StackSettings
-from processor.stack.kafka import CLIENT_SECURITY_VARIABLES, KafkaService, env_file_text
+from processor.stack.kafka import KafkaService
 from processor.stack.kafka_nodes import (
     SECURE_PROCESS,
     KafkaNode,
@@ -38,6 +38,7 @@ from processor.stack.kafka_nodes import (
     node_id_of,
     node_of_process,
 )
+from processor.stack.kafka_secure import CLIENT_SECURITY_VARIABLES, env_file_text
 from processor.stack.layout import (
     SERVICE_NAMES,
     ServiceName,

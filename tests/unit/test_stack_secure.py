@@ -36,16 +36,15 @@ from processor.errors import ConfigurationError, StackError
 from processor.settings import KafkaClientSettings, StackSettings, load_stack_settings
 from processor.stack import LocalStack
 from processor.stack.cli import secured_kafka_summary
-from processor.stack.kafka import (
+from processor.stack.kafka import java_argument_file, server_properties
+from processor.stack.kafka_nodes import kafka_nodes, node_id_of, node_of_process
+from processor.stack.kafka_secure import (
     BrokerSecurity,
     env_file_text,
-    java_argument_file,
     loggable_command,
     scram_format_options,
     secured_client_env,
-    server_properties,
 )
-from processor.stack.kafka_nodes import kafka_nodes, node_id_of, node_of_process
 from processor.stack.kafka_tls import BROKER_KEY_ALIAS, ensure_tls_files
 from processor.stack.layout import KafkaTlsFiles, StackLayout
 from processor.stack.process import group_is_alive
