@@ -125,15 +125,21 @@ class WorkerProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-def worker_env(
-    endpoints: StackEndpoints, *, name: str, data_dir: Path, **overrides: str
-) -> dict[str, str]:
-    """Environment of a worker whose topics, group and experiment are this test's own."""
-    env = {
+def environment_without_settings() -> dict[str, str]:
+    """This process's environment without any of the product's settings (the developer's
+    shell may hold some)."""
+    return {
         key: value
         for key, value in os.environ.items()
         if not key.startswith(("PROCESSOR_", "KAFKA_", "MLFLOW_", "PHOENIX_"))
     }
+
+
+def worker_env(
+    endpoints: StackEndpoints, *, name: str, data_dir: Path, **overrides: str
+) -> dict[str, str]:
+    """Environment of a worker whose topics, group and experiment are this test's own."""
+    env = environment_without_settings()
     env.update(
         {
             "KAFKA_BOOTSTRAP_SERVERS": endpoints.kafka_bootstrap,
