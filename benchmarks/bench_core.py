@@ -23,7 +23,8 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from processor.core.decoding import decode_spans
 from processor.core.partition import PartitionAggregator
-from processor.core.semconv import ExtractionConfig, ModelPrice
+from processor.core.pricing import PriceTable
+from processor.core.semconv import ExtractionConfig
 from processor.core.spans import SpanRecord
 
 SPANS_PER_MESSAGE = 100
@@ -134,18 +135,21 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
 
-    config = ExtractionConfig(
-        dimension_attributes=("session.id",),
-        prices={"gpt-4o-mini": ModelPrice(prompt_per_million=0.15, completion_per_million=0.6)},
-    )
+    config = ExtractionConfig(dimension_attributes=("session.id",), prices=PriceTable())
+    # The same without a price table: LLM spans without a reported cost stay unpriced. The
+    # two rates, measured in one run, are what pricing costs.
+    unpriced = ExtractionConfig(dimension_attributes=("session.id",))
     messages = build_messages(args.messages)
     mean_bytes = sum(map(len, messages)) / len(messages)
 
-    def decode_all() -> int:
-        count = 0
-        for payload in messages:
-            count += len(decode_spans(payload, "application/x-protobuf", config).spans)
-        return count
+    def decoder(extraction: ExtractionConfig) -> Callable[[], int]:
+        def decode_all() -> int:
+            count = 0
+            for payload in messages:
+                count += len(decode_spans(payload, "application/x-protobuf", extraction).spans)
+            return count
+
+        return decode_all
 
     records: list[list[SpanRecord]] = []
     for payload in messages:
@@ -166,7 +170,8 @@ def main() -> None:
         f"mean message {mean_bytes / 1024:.0f} KiB"
     )
     for name, run in (
-        ("decode_spans", decode_all),
+        ("decode_spans", decoder(config)),
+        ("decode_spans, no price table", decoder(unpriced)),
         ("PartitionAggregator.add", aggregate_all),
     ):
         best, median = _best_rate(run, args.repeat)

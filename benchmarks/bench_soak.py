@@ -131,6 +131,13 @@ def main() -> None:
         help="keep every trace with an error (the default policy)",
     )
     parser.add_argument(
+        "--phoenix-max-spans-per-second",
+        type=float,
+        default=None,
+        help="the sample's budget (PROCESSOR_PHOENIX_MAX_SPANS_PER_SECOND): below Phoenix's "
+        "write rate the forwarding lag levels off; unset, it grows while the stream lasts",
+    )
+    parser.add_argument(
         "--dev-venv",
         action="store_true",
         help="run the worker from this interpreter instead of a venv holding only the "
@@ -164,6 +171,8 @@ def main() -> None:
         env = _worker_env(endpoints, name, state, args)
         env["PROCESSOR_WINDOW_SIZE_MS"] = str(args.window_ms)
         env["PROCESSOR_PROGRESS_LOG_INTERVAL_S"] = "10"
+        if args.phoenix_max_spans_per_second is not None:
+            env["PROCESSOR_PHOENIX_MAX_SPANS_PER_SECOND"] = str(args.phoenix_max_spans_per_second)
         worker = Worker(
             "worker",
             [python, "-m", "processor.cli", "worker"],

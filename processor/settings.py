@@ -26,7 +26,9 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from processor.core.pricing import PriceTable, load_own_prices
 from processor.core.sampling import SamplingPolicy
+from processor.core.semconv import MODEL_DIMENSION
 from processor.errors import ConfigurationError
 from processor.kafka_security import (
     SASL_PROTOCOLS,
@@ -315,6 +317,51 @@ class WorkerSettings(KafkaClientSettings):
         default_factory=lambda: ["agent.name", "gen_ai.agent.name"],
         description="Span attributes naming the agent, in order of preference (JSON list).",
     )
+    rollup_by_model: bool = Field(
+        default=False,
+        description=(
+            "Model as the last rollup dimension (`dimension.model`, named as the price table "
+            "names it): cost and tokens per agent and model; non-LLM spans have model ''."
+        ),
+    )
+    prices_file: Path | None = Field(
+        default=None,
+        description=(
+            "Your own prices (JSON or TOML: model -> input, output, cache_read, cache_write "
+            "USD per million tokens) for LLM spans without `llm.cost.total`; they win over "
+            "genai-prices' table."
+        ),
+    )
+    price_catalogue: bool = Field(
+        default=True,
+        description="Price LLM spans without a reported cost from genai-prices' table.",
+    )
+
+    _price_table: PriceTable = PrivateAttr(default_factory=PriceTable)
+
+    @field_validator("prices_file")
+    @classmethod
+    def _prices_file_reads(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            load_own_prices(value)  # a ValueError names the file and what to fix
+        return value
+
+    @model_validator(mode="after")
+    def _prices_load(self) -> Self:
+        own = load_own_prices(self.prices_file) if self.prices_file is not None else {}
+        self._price_table = PriceTable(own, catalogue=self.price_catalogue)
+        return self
+
+    @property
+    def rollup_dimension_names(self) -> list[str]:
+        """The rollups' dimensions in order: the attributes, then the model if switched on."""
+        return [*self.dimension_attributes, *([MODEL_DIMENSION] if self.rollup_by_model else [])]
+
+    @property
+    def price_table(self) -> PriceTable:
+        """The prices for LLM spans that report no cost (the file read at start-up)."""
+        return self._price_table
+
     window_size_ms: int = Field(
         default=60_000, ge=1_000, description="Tumbling window size in milliseconds."
     )

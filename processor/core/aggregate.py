@@ -27,7 +27,16 @@ MAX_EXEMPLARS = 3
 # are in their own units, rounded per span.
 UPSTREAM_SPANS = "sampled_spans"
 _UPSTREAM_COUNTS = ("spans", "errors", "invocations", "llm_calls")
-_UPSTREAM_AMOUNTS = ("tokens_prompt", "tokens_completion", "tokens_total", "cost_nanos")
+_UPSTREAM_AMOUNTS = (
+    "tokens_prompt",
+    "tokens_completion",
+    "tokens_total",
+    "cost_nanos",
+    "tokens_cache_read",
+    "tokens_cache_write",
+    "tokens_reasoning",
+    "cost_estimated_nanos",
+)
 
 
 @dataclass(slots=True)
@@ -42,6 +51,12 @@ class WindowAggregate:
     tokens_completion: int = 0
     tokens_total: int = 0
     cost_nanos: int = 0
+    # parts of the prompt and completion tokens, and of the cost: the part priced by the table
+    tokens_cache_read: int = 0
+    tokens_cache_write: int = 0
+    tokens_reasoning: int = 0
+    cost_estimated_nanos: int = 0
+    unpriced_llm_calls: int = 0  # LLM spans with tokens that no price table knew
     late_spans: int = 0
     # copies of spans counted already (a producer delivered them twice): not counted again
     duplicate_spans: int = 0
@@ -66,6 +81,11 @@ class WindowAggregate:
         tokens_completion: int,
         tokens_total: int,
         cost_nanos: int,
+        tokens_cache_read: int = 0,
+        tokens_cache_write: int = 0,
+        tokens_reasoning: int = 0,
+        cost_estimated_nanos: int = 0,
+        unpriced: bool = False,
         exemplars: bool = True,
         extra_weight: int = 0,
     ) -> None:
@@ -81,7 +101,16 @@ class WindowAggregate:
                 is_error=is_error,
                 is_invocation=is_invocation,
                 is_llm=is_llm,
-                amounts=(tokens_prompt, tokens_completion, tokens_total, cost_nanos),
+                amounts=(
+                    tokens_prompt,
+                    tokens_completion,
+                    tokens_total,
+                    cost_nanos,
+                    tokens_cache_read,
+                    tokens_cache_write,
+                    tokens_reasoning,
+                    cost_estimated_nanos,
+                ),
             )
         if is_invocation:
             self.invocations += 1
@@ -101,6 +130,16 @@ class WindowAggregate:
             self.tokens_completion += tokens_completion
             self.tokens_total += tokens_total
             self.cost_nanos += cost_nanos
+            if tokens_cache_read:
+                self.tokens_cache_read += tokens_cache_read
+            if tokens_cache_write:
+                self.tokens_cache_write += tokens_cache_write
+            if tokens_reasoning:
+                self.tokens_reasoning += tokens_reasoning
+            if cost_estimated_nanos:
+                self.cost_estimated_nanos += cost_estimated_nanos
+            if unpriced:
+                self.unpriced_llm_calls += 1
 
     def _add_upstream(
         self,
@@ -109,7 +148,7 @@ class WindowAggregate:
         is_error: bool,
         is_invocation: bool,
         is_llm: bool,
-        amounts: tuple[int, int, int, int],
+        amounts: tuple[int, ...],
     ) -> None:
         upstream = self.upstream
         upstream[UPSTREAM_SPANS] = upstream.get(UPSTREAM_SPANS, 0) + 1
@@ -145,6 +184,11 @@ class WindowAggregate:
         self.tokens_completion += other.tokens_completion
         self.tokens_total += other.tokens_total
         self.cost_nanos += other.cost_nanos
+        self.tokens_cache_read += other.tokens_cache_read
+        self.tokens_cache_write += other.tokens_cache_write
+        self.tokens_reasoning += other.tokens_reasoning
+        self.cost_estimated_nanos += other.cost_estimated_nanos
+        self.unpriced_llm_calls += other.unpriced_llm_calls
         self.late_spans += other.late_spans
         self.duplicate_spans += other.duplicate_spans
         self.sampled_spans += other.sampled_spans
@@ -171,6 +215,8 @@ class WindowAggregate:
             return plain + upstream.get(name, 0)
 
         spans = count("spans", self.spans)
+        cost = amount("cost_nanos", self.cost_nanos)
+        estimated = amount("cost_estimated_nanos", self.cost_estimated_nanos)
         errors = count("errors", self.errors)
         values: dict[str, float] = {
             "spans": spans,
@@ -181,7 +227,13 @@ class WindowAggregate:
             "tokens_prompt": amount("tokens_prompt", self.tokens_prompt),
             "tokens_completion": amount("tokens_completion", self.tokens_completion),
             "tokens_total": amount("tokens_total", self.tokens_total),
-            "cost_usd": amount("cost_nanos", self.cost_nanos) / COST_NANOS_PER_USD,
+            "tokens_cache_read": amount("tokens_cache_read", self.tokens_cache_read),
+            "tokens_cache_write": amount("tokens_cache_write", self.tokens_cache_write),
+            "tokens_reasoning": amount("tokens_reasoning", self.tokens_reasoning),
+            "cost_usd": cost / COST_NANOS_PER_USD,
+            "cost_reported_usd": (cost - estimated) / COST_NANOS_PER_USD,
+            "cost_estimated_usd": estimated / COST_NANOS_PER_USD,
+            "unpriced_llm_calls": self.unpriced_llm_calls,
             "late_spans": self.late_spans,
             "duplicate_spans": self.duplicate_spans,
             "sampled_spans": self.sampled_spans,
@@ -222,6 +274,11 @@ class WindowAggregate:
             "tokens_completion": self.tokens_completion,
             "tokens_total": self.tokens_total,
             "cost_nanos": self.cost_nanos,
+            "tokens_cache_read": self.tokens_cache_read,
+            "tokens_cache_write": self.tokens_cache_write,
+            "tokens_reasoning": self.tokens_reasoning,
+            "cost_estimated_nanos": self.cost_estimated_nanos,
+            "unpriced_llm_calls": self.unpriced_llm_calls,
             "late_spans": self.late_spans,
             "duplicate_spans": self.duplicate_spans,
             "sampled_spans": self.sampled_spans,
@@ -243,6 +300,12 @@ class WindowAggregate:
             tokens_completion=state["tokens_completion"],
             tokens_total=state["tokens_total"],
             cost_nanos=state["cost_nanos"],
+            # absent from partials written before these were counted
+            tokens_cache_read=state.get("tokens_cache_read", 0),
+            tokens_cache_write=state.get("tokens_cache_write", 0),
+            tokens_reasoning=state.get("tokens_reasoning", 0),
+            cost_estimated_nanos=state.get("cost_estimated_nanos", 0),
+            unpriced_llm_calls=state.get("unpriced_llm_calls", 0),
             late_spans=state["late_spans"],
             duplicate_spans=state.get("duplicate_spans", 0),  # absent from older partials
             sampled_spans=state["sampled_spans"],

@@ -55,6 +55,7 @@ MAX_MESSAGE_BYTES = 64 << 20
 # sums of a window (the partial's JSON encoding cannot hold more).
 MAX_TOKENS_PER_SPAN = 1 << 40
 MAX_COST_USD_PER_SPAN = 1_000_000.0
+MAX_COST_NANOS_PER_SPAN = int(MAX_COST_USD_PER_SPAN) * COST_NANOS_PER_USD
 # A span kept upstream with a probability below 1/16384 would stand for so many spans that its
 # scaled tokens could overflow the sums; no agent system samples that thinly.
 MAX_UPSTREAM_ADJUSTED_COUNT = 1 << 14
@@ -371,19 +372,59 @@ def _record_of(
         operation is not None and operation.string_value in semconv.GEN_AI_LLM_OPERATIONS
     )
     prompt = completion = total = cost_nanos = 0
+    llm: tuple[int, int, int, int, bool] | None = None
+    model_key = ""
     if is_llm:
         prompt = _tokens_of(found, semconv.TOKENS_PROMPT, semconv.GEN_AI_INPUT_TOKENS)
         completion = _tokens_of(found, semconv.TOKENS_COMPLETION, semconv.GEN_AI_OUTPUT_TOKENS)
         total = _int_of(found.get(semconv.TOKENS_TOTAL)) or prompt + completion
-        if max(prompt, completion, total) > MAX_TOKENS_PER_SPAN:
+        cache_read = _first_count(found, semconv.TOKENS_CACHE_READ)
+        cache_write = _first_count(found, semconv.TOKENS_CACHE_WRITE)
+        reasoning = _first_count(found, semconv.TOKENS_REASONING)
+        if max(prompt, completion, total, cache_read, cache_write, reasoning) > MAX_TOKENS_PER_SPAN:
             return "absurd_value", (
                 f"token counts {prompt}/{completion}/{total} (prompt/completion/total), "
+                f"{cache_read}/{cache_write}/{reasoning} (cache read/cache write/reasoning), "
                 f"the limit is {MAX_TOKENS_PER_SPAN}"
             )
-        cost_usd = _cost_usd(found, prompt, completion, config)
-        if not cost_usd <= MAX_COST_USD_PER_SPAN:  # also catches an overflow to infinity
-            return "absurd_value", f"cost {cost_usd:.6g} USD for one span"
-        cost_nanos = round(cost_usd * COST_NANOS_PER_USD)
+        model = _first_string(found, semconv.MODEL_NAMES)
+        provider = _first_string(found, semconv.PROVIDER_NAMES) or None
+        reported = _usd_of(found.get(semconv.COST_TOTAL))
+        estimated_nanos = 0
+        unpriced = False
+        if reported is not None:
+            if not reported <= MAX_COST_USD_PER_SPAN:  # also catches an overflow to infinity
+                return "absurd_value", f"cost {reported:.6g} USD for one span"
+            cost_nanos = round(reported * COST_NANOS_PER_USD)
+        else:
+            pricing = (
+                config.prices.pricing(model, provider, end_ns // NANOS_PER_MILLI)
+                if model and config.prices is not None
+                else None
+            )
+            if pricing is not None:
+                estimated_nanos = cost_nanos = pricing.cost_nanos(
+                    prompt,
+                    completion,
+                    cache_read,
+                    cache_write,
+                    _int_of(found.get(semconv.TOKENS_PROMPT_AUDIO)),
+                    _int_of(found.get(semconv.TOKENS_COMPLETION_AUDIO)),
+                )
+                if cost_nanos > MAX_COST_NANOS_PER_SPAN:
+                    return "absurd_value", (
+                        f"cost {cost_nanos / COST_NANOS_PER_USD:.6g} USD for one span, "
+                        f"priced as {pricing.model}"
+                    )
+            else:
+                unpriced = total > 0
+        llm = (cache_read, cache_write, reasoning, estimated_nanos, unpriced)
+        if config.model_dimension and model:
+            model_key = (
+                config.prices.model_key(model, provider)
+                if config.prices is not None
+                else model.lower()
+            )
 
     weight = 0
     tracestate = span.trace_state
@@ -403,9 +444,11 @@ def _record_of(
             _dimension_of(found.get(name), resource_dimensions.get(name, ""))
             for name in config.dimension_attributes
         )
+    if config.model_dimension:
+        dimensions = (*dimensions, model_key)
     # Positional: one record per span, and keyword matching costs more than the rest of
-    # the call. The order is SpanRecord's field order.
-    return SpanRecord(
+    # the call. The order is SpanRecord's field order; an LLM span's own fields come last.
+    record = SpanRecord(
         trace_id,
         span_id,
         parent_span_id,
@@ -426,12 +469,38 @@ def _record_of(
         position,
         weight,
     )
+    if llm is not None:
+        (
+            record.tokens_cache_read,
+            record.tokens_cache_write,
+            record.tokens_reasoning,
+            record.cost_estimated_nanos,
+            record.unpriced,
+        ) = llm
+    return record
 
 
 def _tokens_of(found: Mapping[str, AnyValue], name: str, fallback: str) -> int:
     """OpenInference's count when the attribute is there, else the GenAI one."""
     value = found.get(name)
     return _int_of(value if value is not None else found.get(fallback))
+
+
+def _first_count(found: Mapping[str, AnyValue], names: tuple[str, ...]) -> int:
+    """The count of the first of ``names`` the span has (names in order of preference)."""
+    for name in names:
+        value = found.get(name)
+        if value is not None:
+            return _int_of(value)
+    return 0
+
+
+def _first_string(found: Mapping[str, AnyValue], names: tuple[str, ...]) -> str:
+    for name in names:
+        value = found.get(name)
+        if value is not None and value.string_value:
+            return value.string_value
+    return ""
 
 
 def _int_of(value: AnyValue | None) -> int:
@@ -451,24 +520,6 @@ def _int_of(value: AnyValue | None) -> int:
         if text.isascii() and text.isdigit() and len(text) <= _MAX_DIGITS:
             return int(text)
     return 0
-
-
-def _cost_usd(
-    found: Mapping[str, AnyValue], prompt: int, completion: int, config: semconv.ExtractionConfig
-) -> float:
-    cost = _usd_of(found.get(semconv.COST_TOTAL))
-    if cost is not None:
-        return cost
-    model = ""
-    for name in (semconv.MODEL_NAME, semconv.GEN_AI_RESPONSE_MODEL, semconv.GEN_AI_REQUEST_MODEL):
-        value = found.get(name)
-        if value is not None and value.string_value:
-            model = value.string_value
-            break
-    price = config.prices.get(model) if model else None
-    if price is None:
-        return 0.0
-    return (prompt * price.prompt_per_million + completion * price.completion_per_million) / 1e6
 
 
 def _usd_of(value: AnyValue | None) -> float | None:

@@ -394,6 +394,11 @@ class PartitionAggregator:
                 tokens_completion=span.tokens_completion,
                 tokens_total=span.tokens_total,
                 cost_nanos=span.cost_nanos,
+                tokens_cache_read=span.tokens_cache_read,
+                tokens_cache_write=span.tokens_cache_write,
+                tokens_reasoning=span.tokens_reasoning,
+                cost_estimated_nanos=span.cost_estimated_nanos,
+                unpriced=span.unpriced,
                 extra_weight=span.extra_weight,
                 # With a sampler, exemplars are named when a trace is kept (``_count_decisions``)
                 exemplars=self.sampler is None,

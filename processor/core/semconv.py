@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+from processor.core.pricing import PriceTable
 
 AGENT_NAME = "agent.name"
 GEN_AI_AGENT_NAME = "gen_ai.agent.name"
@@ -22,27 +22,38 @@ TOKENS_COMPLETION = "llm.token_count.completion"
 TOKENS_TOTAL = "llm.token_count.total"
 GEN_AI_INPUT_TOKENS = "gen_ai.usage.input_tokens"
 GEN_AI_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
+# Parts of the prompt and completion counts, each convention's current name first, then
+# names older instrumentations still write.
+TOKENS_CACHE_READ = (
+    "llm.token_count.prompt_details.cache_read",
+    "gen_ai.usage.cache_read.input_tokens",
+    "gen_ai.usage.cache_read_input_tokens",
+)
+TOKENS_CACHE_WRITE = (
+    "llm.token_count.prompt_details.cache_write",
+    "gen_ai.usage.cache_creation.input_tokens",
+    "gen_ai.usage.cache_creation_input_tokens",
+)
+TOKENS_REASONING = (
+    "llm.token_count.completion_details.reasoning",
+    "gen_ai.usage.reasoning.output_tokens",
+    "gen_ai.usage.reasoning_tokens",
+)
+TOKENS_PROMPT_AUDIO = "llm.token_count.prompt_details.audio"
+TOKENS_COMPLETION_AUDIO = "llm.token_count.completion_details.audio"
 COST_TOTAL = "llm.cost.total"
-MODEL_NAME = "llm.model_name"
-GEN_AI_REQUEST_MODEL = "gen_ai.request.model"
-GEN_AI_RESPONSE_MODEL = "gen_ai.response.model"
+MODEL_NAMES = (
+    "llm.model_name",
+    "llm.response.model_name",
+    "gen_ai.response.model",
+    "gen_ai.request.model",
+)
+PROVIDER_NAMES = ("llm.provider", "gen_ai.provider.name", "gen_ai.system")
+# The built-in model dimension's name, in MLflow tags (``dimension.model``) and records.
+MODEL_DIMENSION = "model"
 
 UNKNOWN_AGENT = "unknown"
 OVERFLOW_SERIES = "__overflow__"
-
-
-@dataclass(frozen=True, kw_only=True)
-class ModelPrice:
-    """USD per one million tokens."""
-
-    prompt_per_million: float
-    completion_per_million: float
-
-    def __post_init__(self) -> None:
-        for name in ("prompt_per_million", "completion_per_million"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,7 +62,10 @@ class ExtractionConfig:
 
     agent_attributes: tuple[str, ...] = (AGENT_NAME, GEN_AI_AGENT_NAME)
     dimension_attributes: tuple[str, ...] = ()
-    prices: Mapping[str, ModelPrice] = field(default_factory=dict)
+    # Prices for LLM spans that report no cost; None: such spans are unpriced.
+    prices: PriceTable | None = field(default=None, compare=False)
+    # Whether the model (named as ``prices`` names it) is the last rollup dimension.
+    model_dimension: bool = False
     max_spans_per_message: int = 100_000
     max_attribute_value_bytes: int = 1 << 20
     # Every span attribute the decoder looks at; derived, so it can never go stale.
@@ -75,10 +89,14 @@ class ExtractionConfig:
                 TOKENS_TOTAL,
                 GEN_AI_INPUT_TOKENS,
                 GEN_AI_OUTPUT_TOKENS,
+                *TOKENS_CACHE_READ,
+                *TOKENS_CACHE_WRITE,
+                *TOKENS_REASONING,
+                TOKENS_PROMPT_AUDIO,
+                TOKENS_COMPLETION_AUDIO,
                 COST_TOTAL,
-                MODEL_NAME,
-                GEN_AI_REQUEST_MODEL,
-                GEN_AI_RESPONSE_MODEL,
+                *MODEL_NAMES,
+                *PROVIDER_NAMES,
             }
         )
         object.__setattr__(self, "wanted_keys", wanted)

@@ -105,6 +105,13 @@ class SpanRecord:
     # Set by the partition aggregator when the span arrives after its window closed: the
     # open window it is counted in, fixed at arrival so that a replay counts it alike.
     late_window_ms: int | None = None
+    # An LLM span's parts of its prompt and completion tokens, the part of ``cost_nanos`` that
+    # came from the price table, and whether it had tokens the table could not price.
+    tokens_cache_read: int = 0
+    tokens_cache_write: int = 0
+    tokens_reasoning: int = 0
+    cost_estimated_nanos: int = 0
+    unpriced: bool = False
 
     @property
     def pb(self) -> Span:

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import click
@@ -92,7 +93,8 @@ from processor.settings import load_kafka_client_settings
     "--truth",
     "truth_path",
     type=click.Path(dir_okay=False, writable=True, path_type=Path),
-    help="Write the exact expected rollups of what was published to this JSON file.",
+    help="Write the exact expected rollups of what was published to this JSON file (calls "
+    "without a reported cost priced from genai-prices' table, as the worker does by default).",
 )
 @click.option(
     "--window-size-ms",
@@ -238,6 +240,7 @@ def loadgen_command(
             "late_fraction": late_fraction,
             "late_max_ms": late_max_ms,
             "duplicates": duplicates,
+            "price_catalogue": _price_catalogue(),
         }
     )
     # Whatever reached Kafka gets its truth, even from a run that failed half-way; a run that
@@ -300,6 +303,15 @@ class _PublishRun:
             error_spans=self.error_spans,
             payload_bytes=self.payload_bytes,
         )
+
+
+def _price_catalogue() -> str:
+    """Which genai-prices priced the truth's estimated costs: a worker with another version
+    may price some models otherwise."""
+    try:
+        return f"genai-prices {version('genai-prices')}"
+    except PackageNotFoundError:
+        return "genai-prices (version unknown)"
 
 
 async def _from_iterable(traces: Iterable[GeneratedTrace]) -> AsyncIterator[GeneratedTrace]:

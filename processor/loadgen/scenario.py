@@ -47,33 +47,59 @@ _GENERIC_KIT: tuple[tuple[str, ...], bool] = (("http_request",), True)
 
 @dataclass(frozen=True, slots=True)
 class ModelPrice:
-    """A model's list price in USD per million tokens, and how its spans name the vendor."""
+    """A model the simulated agents call: how its spans name it and its vendor, the list price
+    its instrumentation reports (USD per million tokens; cache reads at their own rate), how
+    fast it writes, and how often a call reasons before it answers."""
 
     model: str
     provider: str
     span_name: str
     prompt_usd_per_mtok: float
     completion_usd_per_mtok: float
+    cache_read_usd_per_mtok: float
     ms_per_completion_token: float
+    reasoning_probability: float = 0.0
 
 
+# Real model names of two providers, all in genai-prices' catalogue, so the worker can price
+# the calls that report no cost. o3-mini always reasons; Claude Sonnet 4 thinks (extended
+# thinking) on some calls; the others never do. Anthropic reports prompt-cache writes.
 MODEL_PRICES: dict[str, ModelPrice] = {
     price.model: price
     for price in (
-        ModelPrice("gpt-4o", "openai", "ChatOpenAI", 2.50, 10.00, 12.0),
-        ModelPrice("gpt-4o-mini", "openai", "ChatOpenAI", 0.15, 0.60, 6.0),
-        ModelPrice("o3-mini", "openai", "ChatOpenAI", 1.10, 4.40, 9.0),
-        ModelPrice("claude-3-5-sonnet-20241022", "anthropic", "ChatAnthropic", 3.00, 15.00, 14.0),
-        ModelPrice("claude-3-5-haiku-20241022", "anthropic", "ChatAnthropic", 0.80, 4.00, 7.0),
+        ModelPrice("gpt-4o", "openai", "ChatOpenAI", 2.50, 10.00, 1.25, 12.0),
+        ModelPrice("gpt-4o-mini", "openai", "ChatOpenAI", 0.15, 0.60, 0.075, 6.0),
+        ModelPrice("o3-mini", "openai", "ChatOpenAI", 1.10, 4.40, 0.55, 9.0, 1.0),
+        ModelPrice(
+            "claude-sonnet-4-20250514", "anthropic", "ChatAnthropic", 3.00, 15.00, 0.30, 14.0, 0.5
+        ),
+        ModelPrice(
+            "claude-3-5-haiku-20241022", "anthropic", "ChatAnthropic", 0.80, 4.00, 0.08, 7.0
+        ),
     )
 }
 
+# A self-hosted model behind an OpenAI-compatible server: no price table knows it and its
+# spans never report a cost, so its calls are what the worker counts as unpriced. Agents are
+# not built on it; a few calls are routed to it (see ``trace_shape``).
+UNPRICED_MODEL = ModelPrice("in-house-llm-v2", "vllm", "ChatOpenAI", 0.0, 0.0, 0.0, 8.0)
 
-def llm_cost_usd(model: str, prompt_tokens: int, completion_tokens: int) -> float:
-    """Cost of one LLM call from the price table, rounded to a millionth of a dollar."""
-    price = MODEL_PRICES[model]
+
+def model_price(model: str) -> ModelPrice:
+    """The price entry of any model the generator uses, the unpriced one included."""
+    return UNPRICED_MODEL if model == UNPRICED_MODEL.model else MODEL_PRICES[model]
+
+
+def llm_cost_usd(
+    model: str, prompt_tokens: int, completion_tokens: int, cache_read_tokens: int = 0
+) -> float:
+    """The cost an instrumentation reports for one LLM call, from the scenario's list prices
+    (cache reads, a part of the prompt, at their own rate), rounded to a millionth of a
+    dollar. It need not equal genai-prices' price: a reported cost wins over the table."""
+    price = model_price(model)
     cost = (
-        prompt_tokens * price.prompt_usd_per_mtok
+        (prompt_tokens - cache_read_tokens) * price.prompt_usd_per_mtok
+        + cache_read_tokens * price.cache_read_usd_per_mtok
         + completion_tokens * price.completion_usd_per_mtok
     ) / 1_000_000
     return round(cost, 6)

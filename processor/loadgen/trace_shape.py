@@ -12,9 +12,12 @@ import random
 from dataclasses import dataclass, field
 from typing import Literal
 
-from processor.loadgen.scenario import MODEL_PRICES, AgentProfile, Scenario
+from processor.loadgen.scenario import UNPRICED_MODEL, AgentProfile, Scenario, model_price
 
 SpanKind = Literal["AGENT", "CHAIN", "LLM", "TOOL", "RETRIEVER"]
+# How an LLM span names its attributes: OpenInference's ``llm.*`` (LangChain's
+# instrumentation) or the OpenTelemetry GenAI conventions' ``gen_ai.*``.
+Convention = Literal["openinference", "genai"]
 
 _NS_PER_MS = 1_000_000
 # Chance that an error in a child escapes into its parent (LangChain agents often catch a tool
@@ -31,6 +34,25 @@ _DELEGATION_PROBABILITY = 0.08
 _SELF_DELEGATION_PROBABILITY = 0.15
 # Rate-limit retries and cold caches: a few calls take several times longer than usual.
 _SLOW_CALL_PROBABILITY = 0.03
+# Chance that an LLM call goes through a client instrumented with the GenAI conventions
+# (e.g. opentelemetry-instrumentation-openai-v2) rather than LangChain's OpenInference one;
+# the GenAI conventions have no cost attribute, so these calls never report one.
+_GENAI_CONVENTION_PROBABILITY = 0.2
+# Chance that an OpenInference LLM call reports no cost (its instrumentation had no price).
+# With the GenAI calls and the unpriced model about 30% of calls carry no cost.
+_UNREPORTED_COST_PROBABILITY = 0.12
+# Chance that a call is routed to the self-hosted model no price table knows.
+_UNPRICED_MODEL_PROBABILITY = 0.03
+# Chance that a call's prompt starts with a cached prefix (a system prompt, earlier turns),
+# read back from the provider's prompt cache; the share of the prompt it covers.
+_CACHE_READ_PROBABILITY = 0.4
+_CACHE_READ_SHARE = (0.3, 0.95)
+# Chance that an Anthropic call that read no cache writes one (Anthropic reports cache
+# writes, billed above the input rate; OpenAI caches without reporting writes).
+_CACHE_WRITE_PROBABILITY = 0.15
+_CACHE_WRITE_SHARE = (0.5, 1.0)
+# The share of a reasoning call's completion spent on reasoning tokens.
+_REASONING_SHARE = (0.3, 0.85)
 
 _LLM_ERRORS = (
     "RateLimitError: Error code: 429 - rate limit exceeded, retry after 20s",
@@ -61,8 +83,14 @@ class SpanNode:
     parallel: bool = False
     model: str | None = None
     tool: str | None = None
+    convention: Convention = "openinference"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Parts of the prompt and of the completion, as providers report them.
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    reports_cost: bool = False
     repeats_child_tokens: bool = False
     error_message: str | None = None
     own_error: bool = False
@@ -200,10 +228,31 @@ class TraceShaper:
         return chain
 
     def _llm(self, rng: random.Random, agent: AgentProfile) -> SpanNode:
-        price = MODEL_PRICES[agent.model]
-        node = SpanNode("LLM", price.span_name, agent, model=agent.model)
+        model = agent.model
+        if rng.random() < _UNPRICED_MODEL_PROBABILITY:
+            model = UNPRICED_MODEL.model
+        price = model_price(model)
+        genai = rng.random() < _GENAI_CONVENTION_PROBABILITY
+        node = SpanNode(
+            "LLM",
+            f"chat {model}" if genai else price.span_name,  # GenAI's "{operation} {model}"
+            agent,
+            model=model,
+            convention="genai" if genai else "openinference",
+        )
         node.prompt_tokens = max(1, int(rng.lognormvariate(math.log(900.0), 0.7)))
         node.completion_tokens = max(1, int(rng.lognormvariate(math.log(160.0), 0.8)))
+        if rng.random() < _CACHE_READ_PROBABILITY:
+            node.cache_read_tokens = int(node.prompt_tokens * rng.uniform(*_CACHE_READ_SHARE))
+        elif price.provider == "anthropic" and rng.random() < _CACHE_WRITE_PROBABILITY:
+            node.cache_write_tokens = int(node.prompt_tokens * rng.uniform(*_CACHE_WRITE_SHARE))
+        if rng.random() < price.reasoning_probability:
+            node.reasoning_tokens = int(node.completion_tokens * rng.uniform(*_REASONING_SHARE))
+        node.reports_cost = (
+            not genai
+            and model != UNPRICED_MODEL.model
+            and rng.random() >= _UNREPORTED_COST_PROBABILITY
+        )
         return node
 
     def _leaf(self, rng: random.Random, agent: AgentProfile, kind: SpanKind) -> SpanNode:
@@ -242,7 +291,7 @@ class TraceShaper:
         agent = node.agent
         if node.kind == "LLM":
             assert node.model is not None
-            per_token_ms = MODEL_PRICES[node.model].ms_per_completion_token
+            per_token_ms = model_price(node.model).ms_per_completion_token
             ms = rng.lognormvariate(math.log(250.0), 0.5) + node.completion_tokens * per_token_ms
         elif node.kind == "TOOL":
             ms = rng.lognormvariate(math.log(120.0), 1.0)

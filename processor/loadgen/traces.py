@@ -3,6 +3,10 @@
 Pure and deterministic: trace number ``i`` of a scenario is a function of the seed, ``i`` and
 the end time it is given, nothing else. The simulated clock of `TraceGenerator.generate` spaces
 traces ``1/rate`` seconds apart; a real-time caller passes its own end times to `trace`.
+
+Spans use OpenInference's attribute names, as LangChain's instrumentation writes them, except a
+share of LLM calls that use the OpenTelemetry GenAI conventions' (``gen_ai.*``, no span kind,
+no cost): a processor has to read both.
 """
 
 from __future__ import annotations
@@ -16,13 +20,49 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import ScopeSpans, Span, Status
 
-from processor.loadgen.scenario import MODEL_PRICES, Scenario, llm_cost_usd
-from processor.loadgen.trace_shape import SpanNode, TraceShaper
+from processor.loadgen.scenario import Scenario, llm_cost_usd, model_price
+from processor.loadgen.trace_shape import Convention, SpanNode, TraceShaper
 
 SCOPE_NAME = "openinference.instrumentation.langchain"
 SCOPE_VERSION = "0.1.29"
 _NS_PER_MS = 1_000_000
 _NS_PER_S = 1_000_000_000
+# A GenAI-convention LLM span is a chat call; the worker takes ``chat`` as an LLM operation.
+GENAI_OPERATION = "chat"
+
+
+@dataclass(frozen=True, slots=True)
+class _UsageNames:
+    """Where a convention writes an LLM call's usage; the GenAI conventions have no total."""
+
+    prompt: str
+    completion: str
+    total: str | None
+    cache_read: str
+    cache_write: str
+    reasoning: str
+
+
+# Spelled out here rather than taken from ``processor.core.semconv``: a misspelling there
+# then shows up as a disagreement with the truth instead of being shared by both.
+_USAGE_NAMES: dict[Convention, _UsageNames] = {
+    "openinference": _UsageNames(
+        prompt="llm.token_count.prompt",
+        completion="llm.token_count.completion",
+        total="llm.token_count.total",
+        cache_read="llm.token_count.prompt_details.cache_read",
+        cache_write="llm.token_count.prompt_details.cache_write",
+        reasoning="llm.token_count.completion_details.reasoning",
+    ),
+    "genai": _UsageNames(
+        prompt="gen_ai.usage.input_tokens",
+        completion="gen_ai.usage.output_tokens",
+        total=None,
+        cache_read="gen_ai.usage.cache_read.input_tokens",
+        cache_write="gen_ai.usage.cache_creation.input_tokens",
+        reasoning="gen_ai.usage.reasoning.output_tokens",
+    ),
+}
 
 _QUESTIONS = (
     "Compare last quarter's churn by region and draft a summary for the board.",
@@ -110,7 +150,7 @@ class _OtlpEncoder:
     def __init__(self, service_name: str) -> None:
         self._service_name = service_name
         self._constant_attribute_cache: dict[
-            tuple[str, str | None, str | None, str | None], tuple[KeyValue, ...]
+            tuple[str, str | None, str | None, str | None, Convention], tuple[KeyValue, ...]
         ] = {}
 
     def encode(self, rng: random.Random, index: int, root: SpanNode) -> GeneratedTrace:
@@ -169,6 +209,9 @@ class _OtlpEncoder:
             event.name = "exception"
             event.attributes.add(key="exception.type").value.string_value = exception_type
             event.attributes.add(key="exception.message").value.string_value = exception_message
+            if node.convention == "genai":
+                # The GenAI conventions name the failure on the span itself.
+                attributes.add(key="error.type").value.string_value = exception_type
         return GeneratedTrace(
             index=index,
             trace_id=trace_id,
@@ -181,15 +224,23 @@ class _OtlpEncoder:
 
     def _constant_attributes(self, node: SpanNode) -> tuple[KeyValue, ...]:
         """The attributes that depend only on what the span is, built once per kind of span."""
-        signature = (node.kind, node.agent_name, node.model, node.tool)
+        signature = (node.kind, node.agent_name, node.model, node.tool, node.convention)
         cached = self._constant_attribute_cache.get(signature)
         if cached is None:
-            pairs: list[tuple[str, str]] = [("openinference.span.kind", node.kind)]
+            pairs: list[tuple[str, str]] = []
+            if node.convention == "genai":
+                # A GenAI-convention span says what it is by its operation, not a span kind.
+                assert node.model is not None
+                pairs.append(("gen_ai.operation.name", GENAI_OPERATION))
+                pairs.append(("gen_ai.provider.name", model_price(node.model).provider))
+                pairs.append(("gen_ai.request.model", node.model))
+            else:
+                pairs.append(("openinference.span.kind", node.kind))
+                if node.model is not None:
+                    pairs.append(("llm.model_name", node.model))
+                    pairs.append(("llm.provider", model_price(node.model).provider))
             if node.agent_name is not None:
                 pairs.append(("agent.name", node.agent_name))
-            if node.model is not None:
-                pairs.append(("llm.model_name", node.model))
-                pairs.append(("llm.provider", MODEL_PRICES[node.model].provider))
             if node.tool is not None:
                 pairs.append(("tool.name", node.tool))
             cached = tuple(_string_attribute(key, value) for key, value in pairs)
@@ -198,23 +249,45 @@ class _OtlpEncoder:
 
 
 def _add_usage(attributes: RepeatedCompositeFieldContainer[KeyValue], node: SpanNode) -> None:
-    """Token counts and cost: on successful LLM calls, and repeated on some CHAIN spans."""
+    """Token counts and cost: on successful LLM calls (the cost only where the call reports
+    one), and the counts repeated on some CHAIN spans."""
     if node.has_tokens:
         assert node.model is not None
-        prompt, completion = node.prompt_tokens, node.completion_tokens
-        cost = llm_cost_usd(node.model, prompt, completion)
+        counted = [node]
+        names = _USAGE_NAMES[node.convention]
+        cost = (
+            llm_cost_usd(
+                node.model, node.prompt_tokens, node.completion_tokens, node.cache_read_tokens
+            )
+            if node.reports_cost
+            else None
+        )
+        if node.convention == "genai":
+            # Part of the response, so only on calls that returned one.
+            attributes.add(key="gen_ai.response.model").value.string_value = node.model
     elif node.kind == "CHAIN" and node.repeats_child_tokens:
         counted = [child for child in node.children if child.has_tokens]
         if not counted:
             return
-        prompt = sum(child.prompt_tokens for child in counted)
-        completion = sum(child.completion_tokens for child in counted)
+        # The chain's span comes from LangChain's instrumentation whatever its LLM's did.
+        names = _USAGE_NAMES["openinference"]
         cost = None
     else:
         return
-    attributes.add(key="llm.token_count.prompt").value.int_value = prompt
-    attributes.add(key="llm.token_count.completion").value.int_value = completion
-    attributes.add(key="llm.token_count.total").value.int_value = prompt + completion
+    prompt = sum(call.prompt_tokens for call in counted)
+    completion = sum(call.completion_tokens for call in counted)
+    attributes.add(key=names.prompt).value.int_value = prompt
+    attributes.add(key=names.completion).value.int_value = completion
+    if names.total is not None:
+        attributes.add(key=names.total).value.int_value = prompt + completion
+    # Instrumentations write the details only when the provider reported some.
+    for name, count in (
+        (names.cache_read, sum(call.cache_read_tokens for call in counted)),
+        (names.cache_write, sum(call.cache_write_tokens for call in counted)),
+        (names.reasoning, sum(call.reasoning_tokens for call in counted)),
+    ):
+        if count:
+            attributes.add(key=name).value.int_value = count
     if cost is not None:
         attributes.add(key="llm.cost.total").value.double_value = cost
 

@@ -1,7 +1,8 @@
 """The exact rollups the processor should produce for a set of generated traces.
 
 Computed from the OTLP requests as published, by the product's rules, with code that shares
-nothing with ``processor.core``: when the two disagree, one of them has a bug worth finding.
+nothing with ``processor.core`` but its price table (a lookup in genai-prices' catalogue, not a
+rule): when the two disagree, one of them has a bug worth finding.
 
 The rules, per (agent, tumbling window of ``window_size_ms``):
 
@@ -12,14 +13,23 @@ The rules, per (agent, tumbling window of ``window_size_ms``):
 - an *invocation* is one of its spans whose parent is absent or belongs to another agent;
   latency percentiles are exact order statistics of invocation latencies, "lower" rule:
   ``sorted(v)[floor(q * (n - 1))]``; ``null`` when the window holds no invocation;
-- ``llm_calls``, tokens and ``cost_usd`` sum its LLM spans only (span kind ``LLM``), so token
-  totals repeated on CHAIN spans are not counted twice;
+- ``llm_calls``, tokens and costs sum its LLM spans only (span kind ``LLM``, or a GenAI
+  ``gen_ai.operation.name`` of one model call), so token totals repeated on CHAIN spans are not
+  counted twice. Tokens are OpenInference's counts, else the GenAI ones; a total missing (or 0)
+  is prompt + completion. ``tokens_cache_read``/``_cache_write``/``_reasoning`` are parts of
+  the prompt and completion counts, not additions;
+- an LLM span's cost is its ``llm.cost.total`` when it has one (``cost_reported_usd``), else
+  its price in genai-prices' table at the span's end time (``cost_estimated_usd``), as the
+  worker prices it by default (no prices file, catalogue on); ``cost_usd`` is their sum. Costs
+  are summed in integer nano-USD (each span's rounded half up), so sums are exact in any
+  order. An LLM span with tokens that neither prices counts in ``unpriced_llm_calls``;
 - a span delivered more than once (same trace id and span id) counts once; each extra copy
   counts in ``duplicate_spans`` of the span's agent and window.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +37,36 @@ from typing import Any, TypedDict
 
 import orjson
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
+from processor.core.pricing import PriceTable
 from processor.loadgen.traces import GeneratedTrace
 
 _NS_PER_MS = 1_000_000
+_NANOS_PER_USD = 1_000_000_000
 UNKNOWN_AGENT = "unknown"
+# GenAI operations that are one model call, so an LLM span without an OpenInference kind.
+_GENAI_LLM_OPERATIONS = frozenset({"chat", "text_completion", "generate_content", "completion"})
+# Where the conventions put usage, model and provider: OpenInference's name first.
+_PROMPT = ("llm.token_count.prompt", "gen_ai.usage.input_tokens")
+_COMPLETION = ("llm.token_count.completion", "gen_ai.usage.output_tokens")
+_CACHE_READ = ("llm.token_count.prompt_details.cache_read", "gen_ai.usage.cache_read.input_tokens")
+_CACHE_WRITE = (
+    "llm.token_count.prompt_details.cache_write",
+    "gen_ai.usage.cache_creation.input_tokens",
+)
+_REASONING = (
+    "llm.token_count.completion_details.reasoning",
+    "gen_ai.usage.reasoning.output_tokens",
+)
+_MODEL = (
+    "llm.model_name",
+    "llm.response.model_name",
+    "gen_ai.response.model",
+    "gen_ai.request.model",
+)
+_PROVIDER = ("llm.provider", "gen_ai.provider.name", "gen_ai.system")
 
 
 class Rollup(TypedDict):
@@ -53,7 +87,13 @@ class Rollup(TypedDict):
     tokens_prompt: int
     tokens_completion: int
     tokens_total: int
+    tokens_cache_read: int
+    tokens_cache_write: int
+    tokens_reasoning: int
     cost_usd: float
+    cost_reported_usd: float
+    cost_estimated_usd: float
+    unpriced_llm_calls: int
     duplicate_spans: int
 
 
@@ -85,9 +125,32 @@ class _WindowTotals:
     tokens_prompt: int = 0
     tokens_completion: int = 0
     tokens_total: int = 0
-    # Costs are rounded to 1e-6 USD, so summing integer micro-dollars is exact in any order.
-    cost_micro_usd: int = 0
+    tokens_cache_read: int = 0
+    tokens_cache_write: int = 0
+    tokens_reasoning: int = 0
+    # Integer nano-USD, as the worker sums them: exact in any order.
+    cost_nanos: int = 0
+    cost_estimated_nanos: int = 0
+    unpriced_llm_calls: int = 0
     duplicate_spans: int = 0
+
+    def add_llm_call(self, facts: _SpanFacts, cost_nanos: int | None, estimated: bool) -> None:
+        """Count one LLM span; ``cost_nanos`` None: no price for it."""
+        self.llm_calls += 1
+        self.tokens_prompt += facts.tokens_prompt
+        self.tokens_completion += facts.tokens_completion
+        self.tokens_total += facts.tokens_total
+        self.tokens_cache_read += facts.tokens_cache_read
+        self.tokens_cache_write += facts.tokens_cache_write
+        self.tokens_reasoning += facts.tokens_reasoning
+        if cost_nanos is None:
+            # A failed call reports no tokens: it costs nothing rather than lacking a price.
+            if facts.tokens_total > 0:
+                self.unpriced_llm_calls += 1
+            return
+        self.cost_nanos += cost_nanos
+        if estimated:
+            self.cost_estimated_nanos += cost_nanos
 
     def to_rollup(self, agent: str, start_ms: int, window_size_ms: int) -> Rollup:
         latencies = sorted(self.latencies_ms)
@@ -107,7 +170,14 @@ class _WindowTotals:
             tokens_prompt=self.tokens_prompt,
             tokens_completion=self.tokens_completion,
             tokens_total=self.tokens_total,
-            cost_usd=self.cost_micro_usd / 1_000_000,
+            tokens_cache_read=self.tokens_cache_read,
+            tokens_cache_write=self.tokens_cache_write,
+            tokens_reasoning=self.tokens_reasoning,
+            # The worker's arithmetic, so the floats come out the same as well.
+            cost_usd=self.cost_nanos / _NANOS_PER_USD,
+            cost_reported_usd=(self.cost_nanos - self.cost_estimated_nanos) / _NANOS_PER_USD,
+            cost_estimated_usd=self.cost_estimated_nanos / _NANOS_PER_USD,
+            unpriced_llm_calls=self.unpriced_llm_calls,
             duplicate_spans=self.duplicate_spans,
         )
 
@@ -123,20 +193,29 @@ class _SpanFacts:
     is_error: bool
     fallback_agent: str
     own_agent: str | None = None
-    kind: str = ""
+    is_llm: bool = False
     tokens_prompt: int = 0
     tokens_completion: int = 0
     tokens_total: int = 0
-    cost_usd: float = 0.0
+    tokens_cache_read: int = 0
+    tokens_cache_write: int = 0
+    tokens_reasoning: int = 0
+    model: str = ""
+    provider: str | None = None
+    # None: the span reports no cost, so the price table is asked.
+    cost_reported_usd: float | None = None
 
 
 class TruthBuilder:
     """Accumulates truth trace by trace, so a long run need not keep its traces in memory."""
 
-    def __init__(self, window_size_ms: int) -> None:
+    def __init__(self, window_size_ms: int, *, prices: PriceTable | None = None) -> None:
+        """``prices`` prices LLM spans that report no cost; by default genai-prices' table
+        alone, as the worker's default is."""
         if window_size_ms < 1:
             raise ValueError(f"window_size_ms must be >= 1, got {window_size_ms}")
         self.window_size_ms = window_size_ms
+        self._prices = prices if prices is not None else PriceTable()
         self._totals: dict[tuple[str, int], _WindowTotals] = {}
         self._span_count = 0
         self._trace_ids: set[bytes] = set()
@@ -182,18 +261,33 @@ class TruthBuilder:
                 totals.errors += 1
             if is_invocation:
                 totals.latencies_ms.append((facts.end_ns - facts.start_ns) / _NS_PER_MS)
-            if facts.kind == "LLM":
-                totals.llm_calls += 1
-                totals.tokens_prompt += facts.tokens_prompt
-                totals.tokens_completion += facts.tokens_completion
-                totals.tokens_total += facts.tokens_total
-                totals.cost_micro_usd += round(facts.cost_usd * 1_000_000)
+            if facts.is_llm:
+                cost_nanos, estimated = self._cost_of(facts)
+                totals.add_llm_call(facts, cost_nanos, estimated)
             first, last = trace_bounds.get(facts.trace_id, (facts.start_ns, 0))
             trace_bounds[facts.trace_id] = (min(first, facts.start_ns), max(last, facts.end_ns))
         self._span_count += len(facts_by_id)
         self._trace_ids.update(trace_bounds)
         for first, last in trace_bounds.values():
             self._max_trace_duration_ns = max(self._max_trace_duration_ns, last - first)
+
+    def _cost_of(self, facts: _SpanFacts) -> tuple[int | None, bool]:
+        """An LLM span's cost in nano-USD (None: no price) and whether the table priced it:
+        a reported cost wins; else the table's price at the span's end; else none."""
+        if facts.cost_reported_usd is not None:
+            return round(facts.cost_reported_usd * _NANOS_PER_USD), False
+        if not facts.model:
+            return None, False
+        pricing = self._prices.pricing(facts.model, facts.provider, facts.end_ns // _NS_PER_MS)
+        if pricing is None:
+            return None, False
+        cost = pricing.cost_nanos(
+            facts.tokens_prompt,
+            facts.tokens_completion,
+            facts.tokens_cache_read,
+            facts.tokens_cache_write,
+        )
+        return cost, True
 
     def build(self, *, generator: dict[str, Any] | None = None) -> Truth:
         """The truth so far; ``generator`` notes how the traffic was made (seed, rate...)."""
@@ -324,22 +418,64 @@ def _read_facts(span: Span, service_name: str) -> _SpanFacts:
         is_error=span.status.code == Status.STATUS_CODE_ERROR,
         fallback_agent=service_name,
     )
-    for attribute in span.attributes:
-        key = attribute.key
-        value = attribute.value
-        if key == "openinference.span.kind":
-            facts.kind = value.string_value
-        elif key == "agent.name" and value.string_value:
-            facts.own_agent = value.string_value
-        elif key == "llm.token_count.prompt":
-            facts.tokens_prompt = value.int_value
-        elif key == "llm.token_count.completion":
-            facts.tokens_completion = value.int_value
-        elif key == "llm.token_count.total":
-            facts.tokens_total = value.int_value
-        elif key == "llm.cost.total":
-            facts.cost_usd = value.double_value
+    found = {attribute.key: attribute.value for attribute in span.attributes}
+    own_agent = found.get("agent.name")
+    if own_agent is not None and own_agent.string_value:
+        facts.own_agent = own_agent.string_value
+    kind = found.get("openinference.span.kind")
+    operation = found.get("gen_ai.operation.name")
+    facts.is_llm = (kind is not None and kind.string_value == "LLM") or (
+        operation is not None and operation.string_value in _GENAI_LLM_OPERATIONS
+    )
+    if facts.is_llm:
+        _read_llm_facts(facts, found)
     return facts
+
+
+def _read_llm_facts(facts: _SpanFacts, found: Mapping[str, AnyValue]) -> None:
+    facts.tokens_prompt = _first_count(found, _PROMPT)
+    facts.tokens_completion = _first_count(found, _COMPLETION)
+    total = found.get("llm.token_count.total")
+    facts.tokens_total = (total.int_value if total is not None else 0) or (
+        facts.tokens_prompt + facts.tokens_completion
+    )
+    facts.tokens_cache_read = _first_count(found, _CACHE_READ)
+    facts.tokens_cache_write = _first_count(found, _CACHE_WRITE)
+    facts.tokens_reasoning = _first_count(found, _REASONING)
+    facts.model = _first_string(found, _MODEL)
+    facts.provider = _first_string(found, _PROVIDER) or None
+    facts.cost_reported_usd = _reported_usd(found.get("llm.cost.total"))
+
+
+def _reported_usd(value: AnyValue | None) -> float | None:
+    """A reported cost: a finite, non-negative number, double or int; anything else is none."""
+    if value is None:
+        return None
+    which = value.WhichOneof("value")
+    if which == "double_value":
+        usd = value.double_value
+    elif which == "int_value":
+        usd = float(value.int_value)
+    else:
+        return None
+    return usd if math.isfinite(usd) and usd >= 0 else None
+
+
+def _first_count(found: Mapping[str, AnyValue], names: tuple[str, ...]) -> int:
+    """The count under the first of ``names`` the span has: a present 0 hides the others."""
+    for name in names:
+        value = found.get(name)
+        if value is not None:
+            return max(0, value.int_value)
+    return 0
+
+
+def _first_string(found: Mapping[str, AnyValue], names: tuple[str, ...]) -> str:
+    for name in names:
+        value = found.get(name)
+        if value is not None and value.string_value:
+            return value.string_value
+    return ""
 
 
 def _agent_of(

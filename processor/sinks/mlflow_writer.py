@@ -368,7 +368,10 @@ class RollupWriter:
 
 def run_name(series: SeriesKey, day: str) -> str:
     """``"<agent> <YYYY-MM-DD>"``, with the dimension values between when there are any."""
-    return " ".join((series.agent, *series.dimensions, day))[:MAX_TAG_VALUE_LENGTH]
+    # Empty values (a span without the attribute, a non-LLM span's model) add no word; the
+    # run's identity and tags still hold every value.
+    words = (series.agent, *(value for value in series.dimensions if value), day)
+    return " ".join(words)[:MAX_TAG_VALUE_LENGTH]
 
 
 def run_key(series: SeriesKey, day: str, window_size_ms: int) -> str:

@@ -188,6 +188,8 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
         extraction=ExtractionConfig(
             agent_attributes=tuple(settings.agent_attributes),
             dimension_attributes=tuple(settings.dimension_attributes),
+            prices=settings.price_table,
+            model_dimension=settings.rollup_by_model,
         ),
         sampling=sampling,
         send_partial=send_partial,
@@ -204,7 +206,7 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
             "allowed_lateness_ms": str(settings.allowed_lateness_ms),
             "sampling": sampling.summary() if sampling is not None else "all spans",
         },
-        dimension_names=settings.dimension_attributes,
+        dimension_names=settings.rollup_dimension_names,
         phoenix_url=settings.phoenix_public_url or settings.phoenix_collector_endpoint,
     )
     finalize = FinalizeRole(

@@ -34,7 +34,13 @@ ROLLUP_METRICS = (
     "tokens_prompt",
     "tokens_completion",
     "tokens_total",
+    "tokens_cache_read",
+    "tokens_cache_write",
+    "tokens_reasoning",
     "cost_usd",
+    "cost_reported_usd",
+    "cost_estimated_usd",
+    "unpriced_llm_calls",
     "late_spans",
     "duplicate_spans",
 )
@@ -48,19 +54,26 @@ EXACT_METRICS = (
     "tokens_prompt",
     "tokens_completion",
     "tokens_total",
+    "tokens_cache_read",
+    "tokens_cache_write",
+    "tokens_reasoning",
+    "unpriced_llm_calls",
 )
+# In 1e-9 USD the sums are exact integers; as dollars, equal to a nano-dollar.
+COST_METRICS = ("cost_usd", "cost_reported_usd", "cost_estimated_usd")
 PERCENTILE_METRICS = ("latency_p50_ms", "latency_p95_ms", "latency_p99_ms")
 
 
 def assert_window_equals_truth(
     key: object, got: Mapping[str, float], want: Mapping[str, object]
 ) -> None:
-    """One window in MLflow against loadgen's truth: counts and tokens exact, cost to 1e-6, no
+    """One window in MLflow against loadgen's truth: counts and tokens exact, cost to 1e-9, no
     late span, copies of spans counted as copies only, percentiles within the sketch's 1% (and
     none at all without an invocation)."""
     for metric in EXACT_METRICS:
         assert got[metric] == want[metric], (key, metric, got[metric], want[metric])
-    assert got["cost_usd"] == pytest.approx(want["cost_usd"], abs=1e-6)
+    for metric in COST_METRICS:
+        assert got[metric] == pytest.approx(want[metric], abs=1e-9), (key, metric)
     assert got["late_spans"] == 0, key
     assert got["duplicate_spans"] == want["duplicate_spans"], (key, "duplicate_spans")
     if want["invocations"] == 0:

@@ -8,28 +8,34 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
+from datetime import UTC, datetime
+from decimal import ROUND_HALF_UP, Decimal
 from fractions import Fraction
 from typing import Any
 
 import pytest
+from genai_prices import Usage, calc_price
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
+from processor.core.pricing import PriceTable
 from processor.loadgen import (
     GeneratedTrace,
     LateReorderer,
     Scenario,
     TraceGenerator,
     Truth,
+    TruthBuilder,
     UpstreamSampler,
     llm_cost_usd,
     lower_quantile,
     window_start_ms,
 )
 from processor.loadgen.pacing import realtime_traces
+from processor.loadgen.scenario import MODEL_PRICES, UNPRICED_MODEL, ModelPrice
 
 WINDOW_MS = 60_000
 # A window boundary, so that trace 0 of a generator started here ends exactly on it.
@@ -55,6 +61,71 @@ def attributes(span: Span) -> dict[str, Any]:
         assert which is not None
         values[attribute.key] = getattr(attribute.value, which)
     return values
+
+
+def kind_of(values: dict[str, Any]) -> str:
+    """OpenInference's span kind; a GenAI-convention span says LLM by its chat operation."""
+    if values.get("gen_ai.operation.name") == "chat":
+        return "LLM"
+    return str(values["openinference.span.kind"])
+
+
+def usage(values: dict[str, Any], openinference: str, genai: str) -> int:
+    """A usage count under either convention's name (a span uses one of them)."""
+    return int(values.get(openinference, values.get(genai, 0)))
+
+
+def prompt_of(values: dict[str, Any]) -> int:
+    return usage(values, "llm.token_count.prompt", "gen_ai.usage.input_tokens")
+
+
+def completion_of(values: dict[str, Any]) -> int:
+    return usage(values, "llm.token_count.completion", "gen_ai.usage.output_tokens")
+
+
+def cache_read_of(values: dict[str, Any]) -> int:
+    return usage(
+        values, "llm.token_count.prompt_details.cache_read", "gen_ai.usage.cache_read.input_tokens"
+    )
+
+
+def cache_write_of(values: dict[str, Any]) -> int:
+    return usage(
+        values,
+        "llm.token_count.prompt_details.cache_write",
+        "gen_ai.usage.cache_creation.input_tokens",
+    )
+
+
+def reasoning_of(values: dict[str, Any]) -> int:
+    return usage(
+        values,
+        "llm.token_count.completion_details.reasoning",
+        "gen_ai.usage.reasoning.output_tokens",
+    )
+
+
+def model_of(values: dict[str, Any]) -> str:
+    return str(values.get("llm.model_name") or values["gen_ai.request.model"])
+
+
+def provider_of(values: dict[str, Any]) -> str:
+    return str(values.get("llm.provider") or values["gen_ai.provider.name"])
+
+
+def llm_calls(traces: list[GeneratedTrace]) -> list[tuple[Span, dict[str, Any]]]:
+    """Every LLM span of ``traces`` with its attributes, failed calls included."""
+    return [
+        (span, values)
+        for trace in traces
+        for span in decoded_spans(trace)
+        if kind_of(values := attributes(span)) == "LLM"
+    ]
+
+
+def answered(calls: list[tuple[Span, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The calls that returned usage (a failed call reports none)."""
+    return [values for span, values in calls if span.status.code != Status.STATUS_CODE_ERROR]
 
 
 # Shape and determinism ---------------------------------------------------------------------
@@ -112,31 +183,106 @@ def test_agent_name_is_set_on_agent_spans_and_only_there() -> None:
     for trace in generate(60, trace_size=40):
         for span in decoded_spans(trace):
             values = attributes(span)
-            kind = values["openinference.span.kind"]
+            kind = kind_of(values)
             kinds_seen.add(kind)
             assert ("agent.name" in values) == (kind == "AGENT")
     assert kinds_seen == {"AGENT", "CHAIN", "LLM", "TOOL", "RETRIEVER"}
 
 
 def test_llm_spans_carry_consistent_tokens_and_cost_from_the_price_table() -> None:
-    llm_spans = 0
-    for trace in generate(40):
-        for span in decoded_spans(trace):
-            values = attributes(span)
-            if values["openinference.span.kind"] != "LLM":
-                continue
-            assert span.kind == Span.SPAN_KIND_CLIENT
-            if "llm.token_count.total" not in values:
-                assert span.status.code == Status.STATUS_CODE_ERROR  # failed calls report none
-                continue
-            llm_spans += 1
-            prompt = values["llm.token_count.prompt"]
-            completion = values["llm.token_count.completion"]
+    counted = 0
+    for span, values in llm_calls(generate(40)):
+        assert span.kind == Span.SPAN_KIND_CLIENT
+        if prompt_of(values) == 0:
+            assert span.status.code == Status.STATUS_CODE_ERROR  # failed calls report none
+            assert "llm.cost.total" not in values
+            continue
+        counted += 1
+        prompt, completion = prompt_of(values), completion_of(values)
+        if "openinference.span.kind" in values:
             assert values["llm.token_count.total"] == prompt + completion
+        else:
+            assert "llm.token_count.total" not in values  # the GenAI conventions have none
+        # The details are parts of the prompt and of the completion.
+        assert cache_read_of(values) + cache_write_of(values) <= prompt
+        assert reasoning_of(values) <= completion
+        if "llm.cost.total" in values:
             assert values["llm.cost.total"] == llm_cost_usd(
-                values["llm.model_name"], prompt, completion
+                model_of(values), prompt, completion, cache_read_of(values)
             )
-    assert llm_spans > 100
+    assert counted > 100
+
+
+def test_the_traffic_calls_real_models_of_two_providers_in_both_conventions() -> None:
+    calls = llm_calls(generate(200))
+    providers = Counter(provider_of(values) for _, values in calls)
+    assert {"openai", "anthropic"} <= set(providers)
+    assert min(providers["openai"], providers["anthropic"]) > 0.15 * len(calls)
+    genai = [values for _, values in calls if "gen_ai.operation.name" in values]
+    openinference = [values for _, values in calls if "openinference.span.kind" in values]
+    assert len(genai) + len(openinference) == len(calls)
+    assert 0.12 < len(genai) / len(calls) < 0.28
+    for values in genai:
+        # Only GenAI names, so the worker must read that convention to count these calls.
+        assert not [key for key in values if key.startswith("llm.")], values
+        assert values["gen_ai.operation.name"] == "chat"
+        assert values["gen_ai.provider.name"] in ("openai", "anthropic", UNPRICED_MODEL.provider)
+    for values in openinference:
+        assert not [key for key in values if key.startswith("gen_ai.")], values
+        assert values["openinference.span.kind"] == "LLM"
+        assert "llm.provider" in values
+    assert {model_of(values) for values in genai} == {model_of(v) for v in openinference}
+
+
+@pytest.mark.parametrize("price", list(MODEL_PRICES.values()), ids=lambda price: price.model)
+def test_every_model_the_agents_use_is_in_the_price_catalogue(price: ModelPrice) -> None:
+    now_ms = int(datetime.now(UTC).timestamp() * 1000)
+    for at_ms in (ALIGNED_START_MS, now_ms):
+        assert PriceTable().pricing(price.model, price.provider, at_ms) is not None
+
+
+def test_the_in_house_model_is_unknown_to_the_price_catalogue() -> None:
+    assert (
+        PriceTable().pricing(UNPRICED_MODEL.model, UNPRICED_MODEL.provider, ALIGNED_START_MS)
+        is None
+    )
+
+
+def test_some_calls_read_or_write_the_prompt_cache_and_reasoning_models_reason() -> None:
+    scenario: dict[str, Any] = {"agents": 12, "seed": 0}
+    # Agents pick their models at random: these ones cover every model.
+    assert {p.model for p in Scenario(**scenario).profiles()} == set(MODEL_PRICES)
+    calls = answered(llm_calls(generate(300, **scenario)))
+    reads = [values for values in calls if cache_read_of(values)]
+    assert 0.3 < len(reads) / len(calls) < 0.5
+    writes = [values for values in calls if cache_write_of(values)]
+    assert writes and {provider_of(values) for values in writes} == {"anthropic"}
+    assert not [values for values in writes if cache_read_of(values)]  # a miss writes, a hit reads
+    reasoning = Counter(model_of(values) for values in calls if reasoning_of(values))
+    assert set(reasoning) == {"o3-mini", "claude-sonnet-4-20250514"}
+    o3_calls = sum(model_of(values) == "o3-mini" for values in calls)
+    assert reasoning["o3-mini"] > 0.95 * o3_calls  # it always reasons (tiny answers round to 0)
+    sonnet_calls = sum(model_of(values) == "claude-sonnet-4-20250514" for values in calls)
+    assert 0.3 * sonnet_calls < reasoning["claude-sonnet-4-20250514"] < 0.7 * sonnet_calls
+
+
+def test_a_share_of_llm_calls_reports_no_cost_and_a_few_name_an_unknown_model() -> None:
+    calls = answered(llm_calls(generate(300)))
+    unreported = [values for values in calls if "llm.cost.total" not in values]
+    assert 0.24 < len(unreported) / len(calls) < 0.38
+    in_house = [values for values in calls if model_of(values) == UNPRICED_MODEL.model]
+    assert 0.01 < len(in_house) / len(calls) < 0.06
+    # The GenAI conventions have no cost attribute, and no one knows the in-house model's price.
+    assert all("llm.cost.total" not in values for values in in_house)
+    assert all(
+        "llm.cost.total" not in values for values in calls if "gen_ai.operation.name" in values
+    )
+    # Some OpenInference calls of priced models report none either: the table prices them.
+    assert [
+        values
+        for values in unreported
+        if "openinference.span.kind" in values and model_of(values) != UNPRICED_MODEL.model
+    ]
 
 
 def test_the_mean_trace_size_is_what_was_asked() -> None:
@@ -165,7 +311,7 @@ def test_error_rate_controls_failures(error_rate: float, expect_errors: bool) ->
         # Every tool call fails when the rate is 1.
         for trace in traces:
             for span in decoded_spans(trace):
-                if attributes(span)["openinference.span.kind"] == "TOOL":
+                if attributes(span).get("openinference.span.kind") == "TOOL":
                     assert span.status.code == Status.STATUS_CODE_ERROR
 
 
@@ -202,6 +348,47 @@ def test_simulated_clock_spaces_root_ends_by_one_over_rate() -> None:
 # Truth -------------------------------------------------------------------------------------
 
 
+def catalogue_nanos(span: Span, values: dict[str, Any]) -> int | None:
+    """What genai-prices itself says the call cost when it ended, rounded half up to 1e-9
+    USD; None for a model it does not know (asked with the provider, then without)."""
+    call = Usage(
+        input_tokens=prompt_of(values),
+        cache_read_tokens=cache_read_of(values),
+        cache_write_tokens=cache_write_of(values),
+        output_tokens=completion_of(values),
+    )
+    ended = datetime.fromtimestamp(span.end_time_unix_nano // 1_000_000 / 1000, tz=UTC)
+    for provider in (provider_of(values), None):
+        try:
+            usd = calc_price(
+                call, model_of(values), provider_id=provider, genai_request_timestamp=ended
+            ).total_price
+        except LookupError:
+            continue
+        return int((usd * 10**9).to_integral_value(ROUND_HALF_UP))
+    return None
+
+
+def llm_costs(members: list[tuple[Span, dict[str, Any]]]) -> dict[str, float | int]:
+    """The cost metrics of a window's LLM calls: a reported cost, else genai-prices' price."""
+    reported = estimated = unpriced = 0
+    for span, values in members:
+        if "llm.cost.total" in values:
+            reported += int(Decimal(repr(values["llm.cost.total"])) * 10**9)
+            continue
+        price = catalogue_nanos(span, values)
+        if price is not None:
+            estimated += price
+        elif prompt_of(values) + completion_of(values) > 0:
+            unpriced += 1
+    return {
+        "cost_usd": (reported + estimated) / 1e9,
+        "cost_reported_usd": reported / 1e9,
+        "cost_estimated_usd": estimated / 1e9,
+        "unpriced_llm_calls": unpriced,
+    }
+
+
 def brute_force_rollups(traces: list[GeneratedTrace], window_ms: int) -> list[dict[str, Any]]:
     """The product's rules, applied as literally as possible to the decoded spans."""
     groups: dict[tuple[int, str], list[tuple[Span, bool]]] = defaultdict(list)
@@ -236,11 +423,10 @@ def brute_force_rollups(traces: list[GeneratedTrace], window_ms: int) -> list[di
         def quantile(q: Fraction, latencies: list[float] = latencies) -> float | None:
             return latencies[math.floor(q * (len(latencies) - 1))] if latencies else None
 
-        llm = [
-            attributes(span)
-            for span, _ in members
-            if attributes(span)["openinference.span.kind"] == "LLM"
+        calls = [
+            (span, attributes(span)) for span, _ in members if kind_of(attributes(span)) == "LLM"
         ]
+        llm = [values for _, values in calls]
         errors = sum(span.status.code == Status.STATUS_CODE_ERROR for span, _ in members)
         rollups.append(
             {
@@ -256,10 +442,14 @@ def brute_force_rollups(traces: list[GeneratedTrace], window_ms: int) -> list[di
                 "latency_p99_ms": quantile(Fraction(99, 100)),
                 "latency_max_ms": max(latencies) if latencies else None,
                 "llm_calls": len(llm),
-                "tokens_prompt": sum(a.get("llm.token_count.prompt", 0) for a in llm),
-                "tokens_completion": sum(a.get("llm.token_count.completion", 0) for a in llm),
-                "tokens_total": sum(a.get("llm.token_count.total", 0) for a in llm),
-                "cost_usd": math.fsum(a.get("llm.cost.total", 0.0) for a in llm),
+                "tokens_prompt": sum(prompt_of(a) for a in llm),
+                "tokens_completion": sum(completion_of(a) for a in llm),
+                # GenAI spans have no total: it is prompt + completion.
+                "tokens_total": sum(prompt_of(a) + completion_of(a) for a in llm),
+                "tokens_cache_read": sum(cache_read_of(a) for a in llm),
+                "tokens_cache_write": sum(cache_write_of(a) for a in llm),
+                "tokens_reasoning": sum(reasoning_of(a) for a in llm),
+                **llm_costs(calls),
                 "duplicate_spans": 0,  # each span published once
             }
         )
@@ -282,13 +472,71 @@ def test_truth_equals_a_brute_force_recount_of_the_published_bytes(
     truth = Truth.from_traces(traces, window_size_ms=window_ms)
     expected = brute_force_rollups(traces, window_ms)
     assert len(truth.rollups) == len(expected) > 1
-    for got, want in zip(truth.rollups, expected, strict=True):
-        assert got["cost_usd"] == pytest.approx(want.pop("cost_usd"), rel=1e-12, abs=1e-12)
-        assert {k: v for k, v in got.items() if k != "cost_usd"} == want
+    # Costs too are exact: both sides sum integer nano-USD and divide once.
+    assert truth.rollups == expected
+    total = Counter[str]()
+    for rollup in truth.rollups:
+        total.update({k: v for k, v in rollup.items() if k.startswith(("cost_", "unpriced"))})
+    # The traffic exercises every kind of cost.
+    assert total["cost_reported_usd"] > 0 and total["cost_estimated_usd"] > 0
+    assert total["unpriced_llm_calls"] > 0
     assert truth.span_count == sum(t.span_count for t in traces)
     assert truth.trace_count == len(traces)
     assert sum(r["spans"] for r in truth.rollups) == truth.span_count
     assert sum(r["errors"] for r in truth.rollups) == sum(t.error_count for t in traces)
+
+
+def test_truth_prices_like_the_worker_a_reported_cost_wins_and_unknown_models_are_unpriced() -> (
+    None
+):
+    request = ExportTraceServiceRequest()
+    scope_spans = request.resource_spans.add().scope_spans.add()
+    end_ns = ALIGNED_START_MS * 1_000_000 + 5_000_000_000
+
+    def llm_span(number: int, values: dict[str, str | int | float]) -> None:
+        span = scope_spans.spans.add(trace_id=b"\x01" * 16, span_id=bytes([number]) * 8)
+        span.start_time_unix_nano, span.end_time_unix_nano = end_ns - 1_000_000_000, end_ns
+        span.attributes.add(key="agent.name").value.string_value = "solo"
+        for key, value in values.items():
+            target = span.attributes.add(key=key).value
+            if isinstance(value, str):
+                target.string_value = value
+            elif isinstance(value, int):
+                target.int_value = value
+            else:
+                target.double_value = value
+
+    llm = "openinference.span.kind"
+    # A reported cost wins over the table's price.
+    llm_span(1, {llm: "LLM", "llm.model_name": "gpt-4o", "llm.provider": "openai",
+                 "llm.token_count.prompt": 1000, "llm.token_count.completion": 200,
+                 "llm.cost.total": 0.5})  # fmt: skip
+    # Claude Sonnet 4 at its list rates (USD per million): 3 input, 0.30 cache read, 3.75
+    # cache write, 15 output: 500 * 3 + 400 * 0.30 + 100 * 3.75 + 200 * 15 = 4995.
+    llm_span(2, {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "anthropic",
+                 "gen_ai.request.model": "claude-sonnet-4-20250514",
+                 "gen_ai.usage.input_tokens": 1000, "gen_ai.usage.output_tokens": 200,
+                 "gen_ai.usage.cache_read.input_tokens": 400,
+                 "gen_ai.usage.cache_creation.input_tokens": 100,
+                 "gen_ai.usage.reasoning.output_tokens": 50})  # fmt: skip
+    # Tokens but no model: unpriced. A model no table knows but no tokens: free, not unpriced.
+    llm_span(3, {llm: "LLM", "llm.token_count.prompt": 10})
+    llm_span(4, {llm: "LLM", "llm.model_name": "in-house-llm-v2"})
+    # A cost reported as an int, even 0, is still a reported cost.
+    llm_span(5, {llm: "LLM", "llm.model_name": "gpt-4o", "llm.token_count.prompt": 7,
+                 "llm.cost.total": 0})  # fmt: skip
+    builder = TruthBuilder(WINDOW_MS)
+    builder.add_request(request)
+    [rollup] = builder.build().rollups
+    assert rollup["llm_calls"] == 5
+    assert rollup["tokens_prompt"] == 2017
+    assert rollup["tokens_total"] == 2417
+    assert (rollup["tokens_cache_read"], rollup["tokens_cache_write"]) == (400, 100)
+    assert rollup["tokens_reasoning"] == 50
+    assert rollup["cost_reported_usd"] == 0.5
+    assert rollup["cost_estimated_usd"] == 0.004995
+    assert rollup["cost_usd"] == 0.504995
+    assert rollup["unpriced_llm_calls"] == 1
 
 
 def test_tokens_repeated_on_chain_spans_are_not_counted_twice() -> None:
@@ -297,11 +545,10 @@ def test_tokens_repeated_on_chain_spans_are_not_counted_twice() -> None:
     for trace in traces:
         for span in decoded_spans(trace):
             values = attributes(span)
-            total = values.get("llm.token_count.total", 0)
-            if values["openinference.span.kind"] == "LLM":
-                on_llm += total
-            elif values["openinference.span.kind"] == "CHAIN":
-                on_chain += total
+            if kind_of(values) == "LLM":
+                on_llm += prompt_of(values) + completion_of(values)
+            elif kind_of(values) == "CHAIN":
+                on_chain += values.get("llm.token_count.total", 0)
     assert on_chain > 0, "the generator must exercise the double-counting trap"
     truth = Truth.from_traces(traces)
     assert sum(r["tokens_total"] for r in truth.rollups) == on_llm

@@ -33,7 +33,8 @@ from spanbuilder import (
 
 from processor.core import decoding
 from processor.core.decoding import decode_request, decode_spans, extract_spans
-from processor.core.semconv import ExtractionConfig, ModelPrice
+from processor.core.pricing import OwnPrice, PriceTable
+from processor.core.semconv import ExtractionConfig
 from processor.core.spans import SpanRecord
 from processor.errors import DecodeError, InvalidInput
 from processor.loadgen import Scenario, TraceGenerator
@@ -520,7 +521,7 @@ def test_absurd_token_counts_and_costs_are_rejected(
 
 def test_a_price_table_cost_that_overflows_is_rejected_not_a_crash() -> None:
     config = ExtractionConfig(
-        prices={"m": ModelPrice(prompt_per_million=1e300, completion_per_million=1e300)}
+        prices=PriceTable({"m": OwnPrice(input=1e300, output=1e300)}, catalogue=False)
     )
     attrs = {
         "openinference.span.kind": "LLM",
@@ -680,7 +681,7 @@ def test_the_worker_reading_gives_the_records_the_otlp_classes_give() -> None:
     scenario = Scenario(agents=4, trace_size=30, seed=3, error_rate=0.2)
     config = ExtractionConfig(
         dimension_attributes=("session.id", "service.name"),
-        prices={"gpt-4o-mini": ModelPrice(prompt_per_million=0.15, completion_per_million=0.6)},
+        prices=PriceTable(),
     )
     compared = 0
     for trace in TraceGenerator(scenario, start_ms=T0_MS, rate=50.0).generate(40):

@@ -14,14 +14,15 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from spanbuilder import request, request_of, resource_spans, span_pb
 
 from processor.core.decoding import extract_spans
-from processor.core.semconv import ExtractionConfig, ModelPrice
+from processor.core.pricing import OwnPrice, PriceTable
+from processor.core.semconv import ExtractionConfig
 from processor.core.spans import SpanRecord
 
 PRICES = {
-    "gpt-4o": ModelPrice(prompt_per_million=2.5, completion_per_million=10.0),
-    "small": ModelPrice(prompt_per_million=0.1, completion_per_million=0.4),
+    "gpt-4o": OwnPrice(input=2.5, output=10.0),
+    "small": OwnPrice(input=0.1, output=0.4),
 }
-CONFIG = ExtractionConfig(prices=PRICES)
+CONFIG = ExtractionConfig(prices=PriceTable(PRICES, catalogue=False))
 LLM = {"openinference.span.kind": "LLM"}
 CHAT = {"gen_ai.operation.name": "chat"}
 
@@ -264,9 +265,10 @@ def test_every_config_reads_its_own_dimension_attributes() -> None:
         lambda: ExtractionConfig(agent_attributes=()),
         lambda: ExtractionConfig(max_spans_per_message=0),
         lambda: ExtractionConfig(max_attribute_value_bytes=0),
-        lambda: ModelPrice(prompt_per_million=-1.0, completion_per_million=1.0),
-        lambda: ModelPrice(prompt_per_million=1.0, completion_per_million=math.inf),
-        lambda: ModelPrice(prompt_per_million=math.nan, completion_per_million=1.0),
+        lambda: OwnPrice(input=-1.0, output=1.0),
+        lambda: OwnPrice(input=1.0, output=math.inf),
+        lambda: OwnPrice(input=math.nan, output=1.0),
+        lambda: OwnPrice(input=1.0, output=1.0, cache_read=-0.1),
     ],
 )
 def test_bad_configuration_is_refused_when_built(build: Any) -> None:
