@@ -27,6 +27,9 @@ keeps traces to ~2 s, so few spans arrive after their window closed (as in
 bench_phoenix_outage.py). Phoenix on SQLite writes a few hundred spans/s: a sample larger
 than that makes the forwarding lag grow for as long as the stream lasts, which is what this
 shows, not a fault of the worker (see docs/operations.md, *Phoenix's pace*).
+``--phoenix-max-spans-per-second`` sets the sample's budget; it applies after the rules that
+always keep, so with errors kept (the loadgen's traces mostly hold one) only
+``--no-keep-errors`` with a budget below Phoenix's write rate keeps that lag flat.
 
 The worker runs from a venv of its own (``.stack-soak/worker-venv``) with only the worker's
 runtime dependencies, as deployed (its RSS is the deployed one); ``--dev-venv`` runs it from
