@@ -240,6 +240,10 @@ class WorkerSettings(KafkaClientSettings):
         default="agent_rollups.partial",
         description="Topic of partial window aggregates, from aggregate to finalize.",
     )
+    summaries_topic: str = Field(
+        default="agent_rollups.summary",
+        description="Compacted topic of each series' day and hour so far, kept by finalize.",
+    )
     sampled_topic: str = Field(
         default="otlp_spans.sampled",
         description="Topic of the kept (sampled) spans, from aggregate to forward.",
@@ -576,13 +580,15 @@ class WorkerSettings(KafkaClientSettings):
             self.spans_topic,
             self.dead_letter_topic,
             self.partials_topic,
+            self.summaries_topic,
             self.sampled_topic,
         ]
         if self.repartition_by_trace_id:
             topics.append(self.repartition_topic)
         if len(set(topics)) != len(topics):
             raise ValueError(
-                "the spans, dead-letter, partials, sampled and repartition topics must all "
+                "the spans, dead-letter, partials, summaries, sampled and repartition topics "
+                "must all "
                 f"differ, got {topics}"
             )
         if not self.roles:

@@ -43,7 +43,7 @@ import orjson
 from processor.core.aggregate import WindowAggregate
 from processor.core.attribution import AttributedSpan, TraceAssembler
 from processor.core.lazy_heap import LazyHeap
-from processor.core.rollup import PartialRollup, PartitionProgress, SeriesKey
+from processor.core.rollup import ALL_SERIES, PartialRollup, PartitionProgress, SeriesKey
 from processor.core.sampling import SampledSpan, TraceSampler
 from processor.core.semconv import OVERFLOW_SERIES
 from processor.core.spans import SpanRecord
@@ -281,10 +281,16 @@ class PartitionAggregator:
                 continue
             if self._closed_min_offset is None or first_offset < self._closed_min_offset:
                 self._closed_min_offset = first_offset
+            every = WindowAggregate()
             for series, aggregate in sorted(window.items(), key=lambda item: item[0]):
                 self._closed.append(
                     PartialRollup(SeriesKey(*series), start, self._size, self.partition, aggregate)
                 )
+                every.merge(aggregate)
+            # The series of every agent, merged here from the window's own aggregates: it
+            # costs one merge per series and window, not a second count of every span, and
+            # finalize treats it as one more agent (keyed, replayed and merged alike).
+            self._closed.append(PartialRollup(ALL_SERIES, start, self._size, self.partition, every))
             self.stats.windows_closed += 1
 
     def _counted_from_ms(self, attribution_end_ms: int | None) -> int | None:

@@ -19,12 +19,17 @@ from processor.core.windows import window_index
 PARTIAL_KIND = "partial"
 PROGRESS_KIND = "progress"
 SCHEMA_VERSION = 1
+ALL_AGENTS = "__all__"  # the series of every span of every agent
 
 
 class SeriesKey(NamedTuple):
     # A tuple, not a dataclass: it is hashed for every span, and a tuple hashes in C.
     agent: str
     dimensions: tuple[str, ...] = ()
+
+
+# Every span of every agent, whatever the dimensions: the system's totals.
+ALL_SERIES = SeriesKey(ALL_AGENTS)
 
 
 @dataclass(slots=True)
@@ -119,6 +124,8 @@ class FinalRollup:
     aggregate: WindowAggregate
     source_partitions: tuple[int, ...]
     complete: bool
+    # The series' day so far after this window (``day/<metric>``), when it gets a point.
+    day_metrics: dict[str, float] | None = None
 
     @property
     def window_end_ms(self) -> int:

@@ -1,5 +1,6 @@
 """Demo traffic with ground truth: LangChain/LangGraph-style agent traces published to Kafka as
-OTLP, and the exact per-agent window rollups the processor should produce from them.
+OTLP, and the exact per-agent window rollups the processor should produce from them (with
+the all-agents series, hourly totals and each day's running totals).
 
 Pure parts (scenario, trace shapes, OTLP encoding, truth, late ordering) take a seed and
 explicit times; only `publish_traces` does I/O.
@@ -15,11 +16,19 @@ from processor.loadgen.publisher import PublishStats, ensure_topic, publish_trac
 from processor.loadgen.redelivery import Delivery, Redelivery, with_redeliveries
 from processor.loadgen.scenario import AgentProfile, Scenario, llm_cost_usd
 from processor.loadgen.traces import GeneratedTrace, TraceGenerator
-from processor.loadgen.truth import Rollup, Truth, TruthBuilder, lower_quantile, window_start_ms
+from processor.loadgen.truth import (
+    DaySoFar,
+    Rollup,
+    Truth,
+    TruthBuilder,
+    lower_quantile,
+    window_start_ms,
+)
 from processor.loadgen.upstream import UpstreamSampler
 
 __all__ = [
     "AgentProfile",
+    "DaySoFar",
     "Delivery",
     "GeneratedTrace",
     "LateReorderer",

@@ -25,15 +25,32 @@ The rules, per (agent, tumbling window of ``window_size_ms``):
   order. An LLM span with tokens that neither prices counts in ``unpriced_llm_calls``;
 - a span delivered more than once (same trace id and span id) counts once; each extra copy
   counts in ``duplicate_spans`` of the span's agent and window.
+
+Every span also counts, in the same window and by the same rules, in the series of the agent
+``ALL_AGENTS`` (``"__all__"``): its sums are the sums over the agents of that window and its
+latencies the union of every agent's invocation latencies.
+
+Two calendar views are built from those windows, per agent (``ALL_AGENTS`` included):
+
+- ``hours``: the totals over the agent's windows whose *start* lies in a UTC hour, as a rollup
+  whose window is that hour (``[hour, hour + 1 h)``);
+- ``days_so_far``: one entry per window rollup, the totals over the agent's windows of the
+  same UTC day (of the window start) up to and including this one, so the last window of a day
+  holds the day's total.
+
+Their percentiles are order statistics of the union of the latencies they cover, by the same
+"lower" rule, never averages of the windows' percentiles.
 """
 
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, Protocol, TypedDict
 
 import orjson
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -41,9 +58,12 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from processor.core.pricing import PriceTable
+from processor.core.rollup import ALL_AGENTS
 from processor.loadgen.traces import GeneratedTrace
 
 _NS_PER_MS = 1_000_000
+_MS_PER_HOUR = 3_600_000
+_MS_PER_DAY = 86_400_000
 _NANOS_PER_USD = 1_000_000_000
 UNKNOWN_AGENT = "unknown"
 # GenAI operations that are one model call, so an LLM span without an OpenInference kind.
@@ -97,6 +117,15 @@ class Rollup(TypedDict):
     duplicate_spans: int
 
 
+class DaySoFar(Rollup):
+    """One agent's totals over its windows of a UTC day up to and including one window.
+
+    ``window_start_ms``/``window_end_ms`` are that window's; ``day_start_ms`` is the UTC
+    midnight of its start."""
+
+    day_start_ms: int
+
+
 class LateTrace(TypedDict):
     """A trace published after traces with later event times (``--late-fraction``)."""
 
@@ -110,10 +139,72 @@ def window_start_ms(end_time_unix_nano: int, window_size_ms: int) -> int:
     return (end_time_unix_nano // _NS_PER_MS) // window_size_ms * window_size_ms
 
 
-def lower_quantile(sorted_values: list[float], percent: int) -> float:
+class _Ranked(Protocol):
+    """Sorted values, looked up by rank: a sorted list, or `_SortedLatencies`."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, rank: int, /) -> float: ...
+
+
+def lower_quantile(sorted_values: _Ranked, percent: int) -> float:
     """``sorted_values[floor(percent / 100 * (n - 1))]``, the index computed in integers so
     that no float rounding moves it (0.95 * 20 must be 19, not 18.999...)."""
     return sorted_values[percent * (len(sorted_values) - 1) // 100]
+
+
+_BLOCK = 1_000
+
+
+class _SortedLatencies:
+    """A growing multiset of latencies kept sorted in blocks of ``_BLOCK`` to ``2 * _BLOCK``
+    values (as sortedcontainers' SortedList does), so that a value is added in O(log n) and
+    looked up by rank in O(n / _BLOCK) at worst: a day's running percentiles, read after
+    each of its windows, then cost about a sort of the day, not a sort of the day per window.
+    """
+
+    __slots__ = ("_blocks", "_ends", "_maxes", "_size")
+
+    def __init__(self) -> None:
+        self._blocks: list[list[float]] = []
+        self._maxes: list[float] = []  # each block's last value
+        self._ends: list[int] | None = None  # each block's end rank, once asked for
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def update(self, values: Iterable[float]) -> None:
+        blocks, maxes = self._blocks, self._maxes
+        for value in values:
+            self._size += 1
+            if not blocks:
+                blocks.append([value])
+                maxes.append(value)
+                continue
+            # The first block whose last value is >= value, else the last block.
+            index = bisect_left(maxes, value)
+            if index == len(maxes):
+                index -= 1
+                blocks[index].append(value)
+                maxes[index] = value
+            else:
+                insort(blocks[index], value)
+            block = blocks[index]
+            if len(block) > 2 * _BLOCK:
+                blocks[index : index + 1] = [block[:_BLOCK], block[_BLOCK:]]
+                maxes.insert(index, block[_BLOCK - 1])
+        self._ends = None
+
+    def __getitem__(self, rank: int, /) -> float:
+        if rank < 0:
+            rank += self._size
+        if not 0 <= rank < self._size:
+            raise IndexError(rank)
+        if self._ends is None:
+            self._ends = list(accumulate(map(len, self._blocks)))
+        index = bisect_right(self._ends, rank)
+        return self._blocks[index][rank - (self._ends[index - 1] if index else 0)]
 
 
 @dataclass(slots=True)
@@ -152,8 +243,37 @@ class _WindowTotals:
         if estimated:
             self.cost_estimated_nanos += cost_nanos
 
-    def to_rollup(self, agent: str, start_ms: int, window_size_ms: int) -> Rollup:
-        latencies = sorted(self.latencies_ms)
+    def merge(self, other: _WindowTotals, *, latencies: bool = True) -> None:
+        """Add ``other``'s counts to these, and its latencies unless ``latencies`` is false
+        (``other`` is unchanged)."""
+        self.spans += other.spans
+        self.errors += other.errors
+        if latencies:
+            self.latencies_ms.extend(other.latencies_ms)
+        self.llm_calls += other.llm_calls
+        self.tokens_prompt += other.tokens_prompt
+        self.tokens_completion += other.tokens_completion
+        self.tokens_total += other.tokens_total
+        self.tokens_cache_read += other.tokens_cache_read
+        self.tokens_cache_write += other.tokens_cache_write
+        self.tokens_reasoning += other.tokens_reasoning
+        self.cost_nanos += other.cost_nanos
+        self.cost_estimated_nanos += other.cost_estimated_nanos
+        self.unpriced_llm_calls += other.unpriced_llm_calls
+        self.duplicate_spans += other.duplicate_spans
+
+    def to_rollup(
+        self,
+        agent: str,
+        start_ms: int,
+        window_size_ms: int,
+        latencies: _Ranked | None = None,
+    ) -> Rollup:
+        """These totals as the rollup of ``[start_ms, start_ms + window_size_ms)``, with
+        ``latencies`` (sorted) if given, else ``latencies_ms``, sorted in place."""
+        if latencies is None:
+            self.latencies_ms.sort()
+            latencies = self.latencies_ms
         return Rollup(
             agent=agent,
             window_start_ms=start_ms,
@@ -290,13 +410,39 @@ class TruthBuilder:
         return cost, True
 
     def build(self, *, generator: dict[str, Any] | None = None) -> Truth:
-        """The truth so far; ``generator`` notes how the traffic was made (seed, rate...)."""
-        rollups = [
-            totals.to_rollup(agent, start_ms, self.window_size_ms)
-            for (agent, start_ms), totals in sorted(
-                self._totals.items(), key=lambda item: (item[0][1], item[0][0])
-            )
-        ]
+        """The truth so far; ``generator`` notes how the traffic was made (seed, rate...).
+
+        One pass over the windows in time order: each window's ``ALL_AGENTS`` totals are merged
+        from its agents' and dropped once counted, and each agent's open hour and day so far
+        are carried along, so that beyond the windows' own latencies it holds, per agent, those
+        of one hour and one day."""
+        by_window: dict[int, list[tuple[str, _WindowTotals]]] = {}
+        for (agent, start_ms), totals in self._totals.items():
+            by_window.setdefault(start_ms, []).append((agent, totals))
+        rollups: list[Rollup] = []
+        hours: list[Rollup] = []
+        days_so_far: list[DaySoFar] = []
+        calendars: dict[str, _Calendar] = {}
+        for start_ms in sorted(by_window):
+            everyone = _WindowTotals()
+            for _, totals in by_window[start_ms]:
+                everyone.merge(totals)
+            members = [*by_window[start_ms], (ALL_AGENTS, everyone)]
+            for agent, totals in sorted(members, key=lambda member: member[0]):
+                rollup = totals.to_rollup(agent, start_ms, self.window_size_ms)
+                rollups.append(rollup)
+                calendar = calendars.get(agent)
+                if calendar is None:
+                    calendar = calendars[agent] = _Calendar(agent)
+                finished_hour = calendar.add_window(start_ms, totals)
+                if finished_hour is not None:
+                    hours.append(finished_hour)
+                days_so_far.append(calendar.day_so_far(start_ms, self.window_size_ms))
+        for calendar in calendars.values():
+            last_hour = calendar.finish_hour()
+            if last_hour is not None:
+                hours.append(last_hour)
+        hours.sort(key=lambda rollup: (rollup["window_start_ms"], rollup["agent"]))
         return Truth(
             window_size_ms=self.window_size_ms,
             span_count=self._span_count,
@@ -305,12 +451,59 @@ class TruthBuilder:
             max_trace_duration_ms=self._max_trace_duration_ns / _NS_PER_MS,
             late_traces=list(self._late_traces),
             generator=dict(generator or {}),
+            hours=hours,
+            days_so_far=days_so_far,
         )
+
+
+@dataclass(slots=True)
+class _Calendar:
+    """One agent's open hour and day so far, fed its windows in time order."""
+
+    agent: str
+    hour_start_ms: int | None = None
+    hour: _WindowTotals = field(default_factory=_WindowTotals)
+    day_start_ms: int | None = None
+    day: _WindowTotals = field(default_factory=_WindowTotals)  # its latencies in day_latencies
+    day_latencies: _SortedLatencies = field(default_factory=_SortedLatencies)
+
+    def add_window(self, start_ms: int, totals: _WindowTotals) -> Rollup | None:
+        """Count the window starting at ``start_ms``; the hour it closes, if it opens one."""
+        finished: Rollup | None = None
+        hour_start_ms = start_ms // _MS_PER_HOUR * _MS_PER_HOUR
+        if hour_start_ms != self.hour_start_ms:
+            finished = self.finish_hour()
+            self.hour_start_ms = hour_start_ms
+        self.hour.merge(totals)
+        day_start_ms = start_ms // _MS_PER_DAY * _MS_PER_DAY
+        if day_start_ms != self.day_start_ms:
+            self.day_start_ms = day_start_ms
+            self.day, self.day_latencies = _WindowTotals(), _SortedLatencies()
+        self.day.merge(totals, latencies=False)
+        self.day_latencies.update(totals.latencies_ms)
+        return finished
+
+    def finish_hour(self) -> Rollup | None:
+        """The open hour's rollup (None if none is open), and none open after it."""
+        if self.hour_start_ms is None:
+            return None
+        rollup = self.hour.to_rollup(self.agent, self.hour_start_ms, _MS_PER_HOUR)
+        self.hour_start_ms, self.hour = None, _WindowTotals()
+        return rollup
+
+    def day_so_far(self, start_ms: int, window_size_ms: int) -> DaySoFar:
+        """The day's totals up to the window just added, which starts at ``start_ms``."""
+        assert self.day_start_ms is not None, "add_window first"
+        totals = self.day.to_rollup(self.agent, start_ms, window_size_ms, self.day_latencies)
+        return DaySoFar(**totals, day_start_ms=self.day_start_ms)
 
 
 @dataclass(frozen=True, slots=True)
 class Truth:
-    """Expected rollups, sorted by (window_start_ms, agent).
+    """Expected rollups, sorted by (window_start_ms, agent), ``ALL_AGENTS`` among the agents.
+
+    ``hours`` are the hourly totals, sorted likewise; ``days_so_far`` holds, for each entry of
+    ``rollups`` and in the same order, the agent's totals over its day up to that window.
 
     ``max_trace_duration_ms`` is how far before its root's end a trace's first span can end:
     the processor sees a trace only when its message arrives, so unless its allowed lateness
@@ -324,6 +517,8 @@ class Truth:
     max_trace_duration_ms: float = 0.0
     late_traces: list[LateTrace] = field(default_factory=list)
     generator: dict[str, Any] = field(default_factory=dict)
+    hours: list[Rollup] = field(default_factory=list)
+    days_so_far: list[DaySoFar] = field(default_factory=list)
 
     @classmethod
     def from_traces(
@@ -345,6 +540,8 @@ class Truth:
             max_trace_duration_ms=document.get("max_trace_duration_ms", 0.0),
             late_traces=document.get("late_traces", []),
             generator=document.get("generator", {}),
+            hours=document.get("hours", []),
+            days_so_far=document.get("days_so_far", []),
         )
 
     @classmethod
@@ -360,6 +557,8 @@ class Truth:
             "generator": self.generator,
             "late_traces": self.late_traces,
             "rollups": self.rollups,
+            "hours": self.hours,
+            "days_so_far": self.days_so_far,
         }
         return orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
 
@@ -370,6 +569,13 @@ class Truth:
         """The rollup of ``agent`` for the window starting at ``window_start_ms``, if any."""
         for rollup in self.rollups:
             if rollup["agent"] == agent and rollup["window_start_ms"] == window_start_ms:
+                return rollup
+        return None
+
+    def hour(self, agent: str, hour_start_ms: int) -> Rollup | None:
+        """The totals of ``agent`` for the UTC hour starting at ``hour_start_ms``, if any."""
+        for rollup in self.hours:
+            if rollup["agent"] == agent and rollup["window_start_ms"] == hour_start_ms:
                 return rollup
         return None
 

@@ -9,9 +9,12 @@ Layout:
   sampling policy) as run params; a change of window size starts a new run, because steps of
   two window sizes cannot share one chart;
 - per window, one point per metric (names in ``schemas/metrics.md``), ``step`` = window
-  index, ``timestamp`` = window end in ms; and the artifact ``windows/<step>.json``, the
-  window's record (``schemas/rollup.schema.json``) with its exemplar traces and their Phoenix
-  links.
+  index, ``timestamp`` = window end in ms, with the series' day so far (``day/<metric>``) at
+  the same step; and the artifact ``windows/<step>.json``, the window's record
+  (``schemas/rollup.schema.json``) with its exemplar traces and their Phoenix links;
+- per UTC hour, once it is over, one point per ``hour/<metric>``, ``step`` = hour index
+  since the epoch, ``timestamp`` = hour end, on the run of the hour's day;
+- the series of every agent (agent ``__all__``) in runs named ``all agents <YYYY-MM-DD>``.
 
 Idempotence. MLflow stores a metric point that is identical in key, step, timestamp and value
 once (checked against ``mlflow server`` 3.17: the metrics table's primary key includes the
@@ -21,7 +24,8 @@ first finalised incomplete) would add a second point at its step, at the same ti
 readers cannot tell from the first (MLflow orders a history by timestamp, step, value). So the
 writer keeps one point per window and metric: it remembers which windows each run holds and
 skips them, the first values stay. Each window's ``spans`` point goes last and marks the window
-written; a run's marks are read from its ``spans`` history once, when the run is looked up.
+written (its day points go before it); an hour's ``hour/spans`` marks the hour. A run's marks
+are read from those two histories once, when the run is looked up.
 
 Failures. MLflow's client retries for minutes by default (7 retries, exponential backoff,
 120 s timeout). Finalize retries a failed write forever with its own backoff, so the writer
@@ -57,7 +61,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from processor import __version__
-from processor.core.rollup import FinalRollup, SeriesKey
+from processor.core.calendar import HOUR_PREFIX, HourRollup
+from processor.core.rollup import ALL_AGENTS, FinalRollup, SeriesKey
 from processor.core.spans import NANOS_PER_MILLI
 from processor.errors import PermanentExportError, RetryableExportError
 from processor.sinks.phoenix_links import trace_url, ui_base_url
@@ -71,6 +76,8 @@ RECORD_VERSION = 1
 WINDOWS_ARTIFACT_DIR = "windows"
 # Logged last for each window: its presence at a step means the whole window is in MLflow.
 WRITTEN_MARKER_METRIC = "spans"
+HOUR_MARKER_METRIC = HOUR_PREFIX + "spans"
+ALL_AGENTS_RUN_NAME = "all agents"
 
 RUN_KEY_TAG = "trace_processor.run_key"
 AGENT_TAG = "agent"
@@ -108,6 +115,7 @@ _RETRYABLE_4XX = frozenset({401, 403, 404, 408, 409, 429})
 class _RunState:
     run_id: str
     written_steps: set[int] = field(default_factory=set)
+    written_hours: set[int] = field(default_factory=set)  # hour steps
 
 
 class RollupWriter:
@@ -151,6 +159,7 @@ class RollupWriter:
         self._uploads = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="mlflow-records")
         self.windows_written = 0
         self.windows_skipped = 0
+        self.hours_written = 0
 
     def prepare(self) -> None:
         """Look the experiment up (creating it if needed) before the first window is due:
@@ -159,8 +168,8 @@ class RollupWriter:
         with _export_errors():
             self._experiment()
 
-    def write(self, rollups: Sequence[FinalRollup]) -> None:
-        """Write every rollup not yet in MLflow.
+    def write(self, rollups: Sequence[FinalRollup], hours: Sequence[HourRollup] = ()) -> None:
+        """Write every rollup and hour not yet in MLflow.
 
         Raises RetryableExportError while MLflow is unreachable, failing or refusing access:
         calling again with the same rollups is safe and writes each window once.
@@ -168,6 +177,7 @@ class RollupWriter:
         with _export_errors():
             try:
                 self._write(rollups)
+                self._write_hours(hours)
             except (MlflowException, requests.HTTPError) as exc:
                 if _status_of(exc) not in (400, 404):
                     raise
@@ -176,12 +186,30 @@ class RollupWriter:
                 log.warning("MLflow rejected a write (%s); looking runs up again", _brief(exc))
                 self._forget()
                 self._write(rollups)
+                self._write_hours(hours)
+
+    def _write_hours(self, hours: Sequence[HourRollup]) -> None:
+        for hour in hours:
+            run = self._run(hour.series, utc_day(hour.hour_start_ms), hour.window_size_ms)
+            if hour.step in run.written_hours:
+                continue  # a replay's: the first values stay, as for windows
+            names = sorted(name for name in hour.metrics if name != HOUR_MARKER_METRIC)
+            names.append(HOUR_MARKER_METRIC)
+            self._client.log_batch(
+                run.run_id,
+                metrics=[
+                    Metric(name, float(hour.metrics[name]), hour.hour_end_ms, hour.step)
+                    for name in names
+                ],
+            )
+            run.written_hours.add(hour.step)
+            self.hours_written += 1
 
     def _write(self, rollups: Sequence[FinalRollup]) -> None:
         pending: dict[str, tuple[_RunState, dict[int, FinalRollup]]] = {}
         skipped = 0
         for rollup in rollups:
-            run = self._run(rollup)
+            run = self._run(rollup.series, utc_day(rollup.window_start_ms), rollup.window_size_ms)
             windows = pending.setdefault(run.run_id, (run, {}))[1]
             if rollup.step in run.written_steps or rollup.step in windows:
                 skipped += 1
@@ -287,9 +315,8 @@ class RollupWriter:
         self._experiment_id = experiment.experiment_id
         return self._experiment_id
 
-    def _run(self, rollup: FinalRollup) -> _RunState:
-        day = utc_day(rollup.window_start_ms)
-        key = run_key(rollup.series, day, rollup.window_size_ms)
+    def _run(self, series: SeriesKey, day: str, window_size_ms: int) -> _RunState:
+        key = run_key(series, day, window_size_ms)
         cached = self._runs.get(key)
         if cached is not None:
             self._runs.move_to_end(key)
@@ -298,7 +325,7 @@ class RollupWriter:
         found = self._find_runs(experiment_id, key)
         created: Run | None = None
         if not found:
-            created = self._create_run(experiment_id, key, rollup, day)
+            created = self._create_run(experiment_id, key, series, day, window_size_ms)
             # Two workers may create the same run at once (a rebalance); all pick the oldest.
             found = self._find_runs(experiment_id, key) or [created]
         run = min(found, key=lambda r: (r.info.start_time, r.info.run_id))
@@ -315,6 +342,8 @@ class RollupWriter:
         if created is None or created.info.run_id != run.info.run_id:
             history = self._client.get_metric_history(run.info.run_id, WRITTEN_MARKER_METRIC)
             state.written_steps = {point.step for point in history}
+            hours = self._client.get_metric_history(run.info.run_id, HOUR_MARKER_METRIC)
+            state.written_hours = {point.step for point in hours}
         self._runs[key] = state
         if len(self._runs) > _RUN_CACHE_SIZE:
             self._runs.popitem(last=False)
@@ -327,15 +356,16 @@ class RollupWriter:
             )
         )
 
-    def _create_run(self, experiment_id: str, key: str, rollup: FinalRollup, day: str) -> Run:
-        series = rollup.series
+    def _create_run(
+        self, experiment_id: str, key: str, series: SeriesKey, day: str, window_size_ms: int
+    ) -> Run:
         name = run_name(series, day)
         tags = {
             RUN_KEY_TAG: key,
             AGENT_TAG: series.agent,
             DAY_TAG: day,
             VERSION_TAG: __version__,
-            NOTE_TAG: self._note(series, day, rollup.window_size_ms),
+            NOTE_TAG: self._note(series, day, window_size_ms),
         }
         for dimension, value in self._dimension_items(series):
             tags[DIMENSION_TAG_PREFIX + _tag_safe(dimension)] = value[:MAX_TAG_VALUE_LENGTH]
@@ -350,10 +380,19 @@ class RollupWriter:
         return run
 
     def _note(self, series: SeriesKey, day: str, window_size_ms: int) -> str:
+        who = (
+            "**all agents** (every span of every agent)"
+            if series.agent == ALL_AGENTS
+            else f"agent **{series.agent}**"
+        )
         lines = [
-            f"Rollups of agent **{series.agent}** on {day} (UTC): one point per "
+            f"Rollups of {who} on {day} (UTC): one point per "
             f"{window_size_ms / 1000:g} s window, `step` = window index "
             f"(window start ms // {window_size_ms}), timestamp = window end.",
+            "",
+            "`day/<metric>`: the day so far after each window, at the window's step (the last "
+            "value is the day's total); `hour/<metric>`: one point per UTC hour once it is "
+            "over, `step` = hour index since the epoch, timestamp = hour end.",
             "",
             f"Each window's record, with its slowest and failed traces, is the artifact "
             f"`{WINDOWS_ARTIFACT_DIR}/<step>.json`.",
@@ -370,7 +409,8 @@ def run_name(series: SeriesKey, day: str) -> str:
     """``"<agent> <YYYY-MM-DD>"``, with the dimension values between when there are any."""
     # Empty values (a span without the attribute, a non-LLM span's model) add no word; the
     # run's identity and tags still hold every value.
-    words = (series.agent, *(value for value in series.dimensions if value), day)
+    agent = ALL_AGENTS_RUN_NAME if series.agent == ALL_AGENTS else series.agent
+    words = (agent, *(value for value in series.dimensions if value), day)
     return " ".join(words)[:MAX_TAG_VALUE_LENGTH]
 
 
@@ -391,6 +431,8 @@ def _iso(timestamp_ms: int) -> str:
 
 def _metrics_of(rollup: FinalRollup) -> list[Metric]:
     values = rollup.metrics()
+    if rollup.day_metrics is not None:
+        values.update(rollup.day_metrics)
     names = sorted(name for name in values if name != WRITTEN_MARKER_METRIC)
     names.append(WRITTEN_MARKER_METRIC)
     return [Metric(name, float(values[name]), rollup.window_end_ms, rollup.step) for name in names]

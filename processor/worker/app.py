@@ -34,6 +34,7 @@ from processor.worker.forward_consumer import ForwardConsumer, RefusedBatches
 from processor.worker.observability import ObservabilityService, install_observability
 from processor.worker.phoenix_delivery import SpanForwarder
 from processor.worker.repartition import Repartitioner
+from processor.worker.summaries import read_days
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,12 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
         key_serializer="raw",
         partitions=settings.partials_partitions,
     )
+    summaries_topic = app.topic(
+        settings.summaries_topic,
+        value_serializer="raw",
+        key_serializer="raw",
+        partitions=settings.partials_partitions,
+    )
     dead_letter_topic = app.topic(
         settings.dead_letter_topic, value_serializer="raw", key_serializer="raw"
     )
@@ -153,6 +160,9 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
 
     async def send_partial(key: bytes, value: bytes, partition: int | None) -> None:
         await partials_topic.send(key=key, value=value, partition=partition)
+
+    async def send_summary(key: bytes, value: bytes | None, partition: int) -> None:
+        await summaries_topic.send(key=key, value=value, partition=partition)
 
     async def send_kept(key: bytes, value: bytes, partition: int | None) -> None:
         # No partition: the default partitioner hashes the trace id, so a trace stays together.
@@ -214,6 +224,7 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
         max_wait_ms=settings.finalize_max_wait_ms,
         writer=rollup_writer,
         clock=wall_clock_ms,
+        send_summary=send_summary,
     )
     forward = (
         build_forward_consumer(settings)
@@ -291,10 +302,14 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
         # The repartition's partitions need no state: faust resumes them at the commit.
         taken = [tp for tp in assigned if tp.topic in ours]
         committed = await committed_metadata(settings, settings.app_id, taken)
+        finalized = [tp.partition for tp in taken if tp.topic == settings.partials_topic]
+        days = await read_days(settings, settings.summaries_topic, finalized)
         for tp in taken:
             offset, metadata = committed.get(tp, (None, ""))
-            role = aggregate if tp.topic == settings.aggregate_topic else finalize
-            role.assign(tp.partition, offset, metadata)
+            if tp.topic == settings.aggregate_topic:
+                aggregate.assign(tp.partition, offset, metadata)
+            else:
+                finalize.assign(tp.partition, offset, metadata, days.get(tp.partition, ()))
         gate.open(taken)
 
     @app.task

@@ -1,9 +1,12 @@
-"""The finalize role: merge the partials of every source partition and write final windows to
-MLflow.
+"""The finalize role: merge the partials of every source partition, write final windows,
+their series' day so far and the hours that are over to MLflow.
 
 Its commit rule: an offset of the partials topic is safe once every partial before it is in a
-window MLflow took (or superseded by its twin); the commit's metadata says how far windows
-are final (``finalized_until_ms``), so a replay does not write them again incomplete.
+window MLflow took (or superseded by its twin) and the days and hours it changed are in the
+summaries topic (handed to the producer, which faust flushes before it commits); the commit's
+metadata says how far windows are final (``finalized_until_ms``), so a replay does not write
+them again incomplete. Each partition's days come back from the summaries topic when the
+partition is assigned: a window folded before the crash is not folded twice.
 """
 
 from __future__ import annotations
@@ -11,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import orjson
 
 from processor.clock import Clock
+from processor.core.calendar import Calendar, HourRollup, SeriesDay, summary_key
 from processor.core.merge import RollupMerger
 from processor.core.rollup import FinalRollup, PartitionProgress, parse_stage_record
 from processor.errors import RetryableExportError
@@ -25,6 +30,9 @@ from processor.worker.offsets import Commit, PartitionOffsets
 log = logging.getLogger(__name__)
 
 RECENT_WINDOWS = 50
+
+# key, value (None: delete), partition of the summaries topic
+SendSummary = Callable[[bytes, bytes | None, int], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +55,7 @@ class FinalizeRole:
         max_wait_ms: int,
         writer: RollupWriter,
         clock: Clock,
+        send_summary: SendSummary | None = None,
         retry_base_s: float = 1.0,
         retry_max_s: float = 30.0,
     ) -> None:
@@ -54,9 +63,12 @@ class FinalizeRole:
         self._max_wait_ms = max_wait_ms
         self._writer = writer
         self._clock = clock
+        # None: no summaries topic (unit tests of windows alone): days live in memory only.
+        self._send_summary = send_summary
         self._retry_base_s = retry_base_s
         self._retry_max_s = retry_max_s
         self.mergers: dict[int, RollupMerger] = {}
+        self.calendars: dict[int, Calendar] = {}
         # The partials topic is compacted: its first record need not be at the commit.
         self._offsets = PartitionOffsets(log, "finalize", compacted=True)
         self.windows_written = 0
@@ -66,15 +78,25 @@ class FinalizeRole:
         self.freshness_ms_sum = 0
         self.recent_windows: deque[WrittenWindow] = deque(maxlen=RECENT_WINDOWS)
 
-    def assign(self, partition: int, committed: int | None, metadata: str = "") -> None:
+    def assign(
+        self,
+        partition: int,
+        committed: int | None,
+        metadata: str = "",
+        days: Iterable[SeriesDay] = (),
+    ) -> None:
         """Take over ``partition`` at the group's committed offset (None: no commit yet),
-        with the finalised-until mark its commit carries."""
+        with the finalised-until mark its commit carries and its days from the summaries
+        topic."""
         merger = self._merger(partition)
         merger.finalized_until_ms = finalized_until(metadata)
+        calendar = self.calendars[partition] = Calendar()
+        calendar.restore(days)
         self._offsets.assign(partition, committed)
 
     def revoke_all(self) -> None:
         self.mergers.clear()
+        self.calendars.clear()
         self._offsets.revoke_all()
 
     def _merger(self, partition: int) -> RollupMerger:
@@ -105,15 +127,25 @@ class FinalizeRole:
         """Write final windows; return, per partition, the offset to commit and its mark."""
         now = self._clock()
         finals: list[FinalRollup] = []
+        hours: list[HourRollup] = []
         mergers = list(self.mergers.items())
-        for _, merger in mergers:
-            finals.extend(merger.ready(now))
-        if finals:
-            await self._write(finals)
+        calendars: dict[int, Calendar] = {}
+        for partition, merger in mergers:
+            calendar = calendars[partition] = self.calendars.setdefault(partition, Calendar())
+            ready = merger.ready(now)
+            for final in ready:
+                final.day_metrics = calendar.add(final)
+            finals.extend(ready)
+            hours.extend(calendar.close_hours(merger.finalized_until_ms))
+            calendar.close_days(merger.finalized_until_ms)
+        if finals or hours:
+            await self._write(finals, hours)
         commits: dict[int, Commit] = {}
         for partition, merger in mergers:
             if self.mergers.get(partition) is not merger:
                 continue  # revoked while MLflow was written
+            if not await self._save_days(partition, calendars[partition]):
+                continue
             offset = self._offsets.safe(partition, merger.min_pending_offset())
             if offset is None:
                 continue
@@ -122,13 +154,25 @@ class FinalizeRole:
             commits[partition] = Commit(offset, metadata)
         return commits
 
-    async def _write(self, finals: list[FinalRollup]) -> None:
+    async def _save_days(self, partition: int, calendar: Calendar) -> bool:
+        """Hand the partition's changed days to the producer; False when it was revoked
+        meanwhile (its new owner folds again what this one did not save)."""
+        changed, closed = calendar.take_changes()
+        if self._send_summary is None:
+            return True
+        for day in changed:
+            await self._send_summary(day.record_key(), day.to_bytes(), partition)
+        for key in closed:
+            await self._send_summary(summary_key(key), None, partition)  # compaction drops it
+        return self.calendars.get(partition) is calendar
+
+    async def _write(self, finals: list[FinalRollup], hours: list[HourRollup]) -> None:
         # Never drop a window: while MLflow is down, wait and try again (the partials topic
         # backs up meanwhile, which is the backpressure we want).
         attempt = 0
         while True:
             try:
-                await asyncio.to_thread(self._writer.write, finals)
+                await asyncio.to_thread(self._writer.write, finals, hours)
             except RetryableExportError as exc:
                 attempt += 1
                 self.write_retries += 1

@@ -77,6 +77,18 @@ def topic_specs(settings: WorkerSettings) -> list[TopicSpec]:
             settings.partials_partitions,
             {"cleanup.policy": "compact", "min.compaction.lag.ms": str(3600 * 1000)},
         ),
+        # Compacted, one live record per series and day: finalize reads its partitions whole
+        # when it takes them over, so segments roll hourly and are cleaned early.
+        TopicSpec(
+            settings.summaries_topic,
+            settings.partials_partitions,
+            {
+                "cleanup.policy": "compact",
+                "segment.ms": str(3600 * 1000),
+                "min.cleanable.dirty.ratio": "0.1",
+                "delete.retention.ms": str(24 * 3600 * 1000),
+            },
+        ),
         # Kept spans wait here for Phoenix: retention is how long Phoenix may be away.
         TopicSpec(
             settings.sampled_topic,

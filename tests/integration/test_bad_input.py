@@ -27,6 +27,7 @@ from google.protobuf import json_format
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from processor.core.decoding import decode_request, extract_spans
+from processor.core.rollup import ALL_AGENTS
 from processor.core.semconv import ExtractionConfig
 from processor.errors import DecodeError
 from processor.loadgen import GeneratedTrace, Scenario, TraceGenerator
@@ -274,14 +275,14 @@ def run(stack: StackEndpoints, prepared: Prepared, started: dict[str, Started]) 
 
 
 def _spans_counted(stack: StackEndpoints, name: str) -> float:
-    """Spans, late spans and copies over every series and window but the closers'. Fuzzed
+    """Spans, late spans and copies over every agent and window but the closers'. Fuzzed
     messages are mutations of a few traces: many of their spans are copies of others (same
     trace and span id), counted as such."""
     found = mlflow_rollups(stack.mlflow_url, name)
     return sum(
         m.get("spans", 0) + m.get("late_spans", 0) + m.get("duplicate_spans", 0)
         for (agent, _), m in found.items()
-        if agent != CLOSER
+        if agent not in (CLOSER, ALL_AGENTS)
     )
 
 

@@ -14,6 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from processor.core.pricing import OwnPrice, PriceTable
+from processor.core.rollup import ALL_AGENTS
 from processor.loadgen import GeneratedTrace, Scenario, TraceGenerator, Truth, publish_traces
 from processor.loadgen.truth import TruthBuilder
 from processor.stack import StackEndpoints
@@ -48,7 +49,7 @@ def _truth(traces: list[GeneratedTrace], prices: PriceTable) -> Truth:
 
 
 def _totals(truth: Truth, metric: str) -> float:
-    return sum(float(rollup[metric]) for rollup in truth.rollups)
+    return sum(float(r[metric]) for r in truth.rollups if r["agent"] != ALL_AGENTS)
 
 
 def _env(stack: StackEndpoints, name: str, work_dir: Path, lateness_ms: int, **extra: str):
@@ -153,7 +154,11 @@ def test_cost_per_model_adds_up_to_each_agent_s_cost(
         # Complete once every span is in some series; where each one counts is checked below.
         def every_span() -> dict | None:
             found = _rollups_by_model(stack.mlflow_url, unique_name, metrics)
-            spans = sum(values.get("spans", 0.0) for values in found.values())
+            spans = sum(
+                values.get("spans", 0.0)
+                for (agent, _, _), values in found.items()
+                if agent != ALL_AGENTS
+            )
             return found if spans >= truth.span_count else None
 
         found = poll_until(every_span, timeout_s=180, what="every span in MLflow")

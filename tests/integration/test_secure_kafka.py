@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from processor.core.rollup import ALL_AGENTS
 from processor.loadgen import Truth
 from processor.settings import StackSettings
 from processor.stack import LocalStack, StackEndpoints
@@ -174,7 +175,8 @@ def test_a_stream_through_a_secured_broker_reaches_mlflow_and_phoenix(
         def phoenix_holds_every_counted_span() -> tuple[list[str], float] | None:
             counted = sum(
                 values.get("spans", 0)
-                for values in mlflow_rollups(stack.mlflow_url, unique_name).values()
+                for (agent, _), values in mlflow_rollups(stack.mlflow_url, unique_name).items()
+                if agent != ALL_AGENTS
             )
             ids = phoenix_span_ids(stack.phoenix_url, unique_name)
             return (ids, counted) if len(ids) == counted else None

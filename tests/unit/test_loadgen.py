@@ -22,6 +22,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from processor.core.pricing import PriceTable
+from processor.core.rollup import ALL_AGENTS
 from processor.loadgen import (
     GeneratedTrace,
     LateReorderer,
@@ -389,8 +390,12 @@ def llm_costs(members: list[tuple[Span, dict[str, Any]]]) -> dict[str, float | i
     }
 
 
-def brute_force_rollups(traces: list[GeneratedTrace], window_ms: int) -> list[dict[str, Any]]:
-    """The product's rules, applied as literally as possible to the decoded spans."""
+def brute_force_groups(
+    traces: list[GeneratedTrace], window_ms: int
+) -> dict[tuple[int, str], list[tuple[Span, bool]]]:
+    """Each (window, agent)'s spans, each with whether it is an invocation: the product's
+    rules applied as literally as possible to the decoded spans. Every span is in its agent's
+    group and in ``ALL_AGENTS``' of the same window."""
     groups: dict[tuple[int, str], list[tuple[Span, bool]]] = defaultdict(list)
     for trace in traces:
         spans = decoded_spans(trace)
@@ -411,14 +416,23 @@ def brute_force_rollups(traces: list[GeneratedTrace], window_ms: int) -> list[di
             invocation = parent is None or agent_of(parent) != agent
             window = math.floor(span.end_time_unix_nano / 1_000_000 / window_ms) * window_ms
             groups[(window, agent)].append((span, invocation))
+            groups[(window, ALL_AGENTS)].append((span, invocation))
+    return groups
 
+
+def invocation_latencies(members: list[tuple[Span, bool]]) -> list[float]:
+    return [
+        (span.end_time_unix_nano - span.start_time_unix_nano) / 1e6
+        for span, invocation in members
+        if invocation
+    ]
+
+
+def brute_force_rollups(traces: list[GeneratedTrace], window_ms: int) -> list[dict[str, Any]]:
+    """The product's rules, applied as literally as possible to the decoded spans."""
     rollups = []
-    for (window, agent), members in sorted(groups.items()):
-        latencies = sorted(
-            (span.end_time_unix_nano - span.start_time_unix_nano) / 1e6
-            for span, invocation in members
-            if invocation
-        )
+    for (window, agent), members in sorted(brute_force_groups(traces, window_ms).items()):
+        latencies = sorted(invocation_latencies(members))
 
         def quantile(q: Fraction, latencies: list[float] = latencies) -> float | None:
             return latencies[math.floor(q * (len(latencies) - 1))] if latencies else None
@@ -472,18 +486,23 @@ def test_truth_equals_a_brute_force_recount_of_the_published_bytes(
     truth = Truth.from_traces(traces, window_size_ms=window_ms)
     expected = brute_force_rollups(traces, window_ms)
     assert len(truth.rollups) == len(expected) > 1
-    # Costs too are exact: both sides sum integer nano-USD and divide once.
+    # Costs too are exact: both sides sum integer nano-USD and divide once. The all-agents
+    # series is recounted the same way, so it is checked here too.
     assert truth.rollups == expected
+    agents = [r for r in truth.rollups if r["agent"] != ALL_AGENTS]
+    everyone = [r for r in truth.rollups if r["agent"] == ALL_AGENTS]
+    assert len({r["window_start_ms"] for r in agents}) == len(everyone)
     total = Counter[str]()
-    for rollup in truth.rollups:
+    for rollup in agents:
         total.update({k: v for k, v in rollup.items() if k.startswith(("cost_", "unpriced"))})
     # The traffic exercises every kind of cost.
     assert total["cost_reported_usd"] > 0 and total["cost_estimated_usd"] > 0
     assert total["unpriced_llm_calls"] > 0
     assert truth.span_count == sum(t.span_count for t in traces)
     assert truth.trace_count == len(traces)
-    assert sum(r["spans"] for r in truth.rollups) == truth.span_count
-    assert sum(r["errors"] for r in truth.rollups) == sum(t.error_count for t in traces)
+    for series in (agents, everyone):
+        assert sum(r["spans"] for r in series) == truth.span_count
+        assert sum(r["errors"] for r in series) == sum(t.error_count for t in traces)
 
 
 def test_truth_prices_like_the_worker_a_reported_cost_wins_and_unknown_models_are_unpriced() -> (
@@ -527,7 +546,10 @@ def test_truth_prices_like_the_worker_a_reported_cost_wins_and_unknown_models_ar
                  "llm.cost.total": 0})  # fmt: skip
     builder = TruthBuilder(WINDOW_MS)
     builder.add_request(request)
-    [rollup] = builder.build().rollups
+    everyone, rollup = builder.build().rollups
+    # One agent: the all-agents series holds the same numbers.
+    assert (everyone["agent"], rollup["agent"]) == (ALL_AGENTS, "solo")
+    assert everyone == {**rollup, "agent": ALL_AGENTS}
     assert rollup["llm_calls"] == 5
     assert rollup["tokens_prompt"] == 2017
     assert rollup["tokens_total"] == 2417
@@ -551,7 +573,9 @@ def test_tokens_repeated_on_chain_spans_are_not_counted_twice() -> None:
                 on_chain += values.get("llm.token_count.total", 0)
     assert on_chain > 0, "the generator must exercise the double-counting trap"
     truth = Truth.from_traces(traces)
-    assert sum(r["tokens_total"] for r in truth.rollups) == on_llm
+    for everyone in (False, True):
+        series = [r for r in truth.rollups if (r["agent"] == ALL_AGENTS) == everyone]
+        assert sum(r["tokens_total"] for r in series) == on_llm
 
 
 def test_nested_same_agent_spans_are_not_extra_invocations() -> None:
@@ -574,7 +598,9 @@ def test_nested_same_agent_spans_are_not_extra_invocations() -> None:
                 nested_same_agent += 1
     assert nested_same_agent > 0
     truth = Truth.from_traces(traces)
-    assert sum(r["invocations"] for r in truth.rollups) == agent_spans - nested_same_agent
+    for everyone in (False, True):
+        series = [r for r in truth.rollups if (r["agent"] == ALL_AGENTS) == everyone]
+        assert sum(r["invocations"] for r in series) == agent_spans - nested_same_agent
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,8 @@ from faust.types import TP
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from processor.core.rollup import FinalRollup
+from processor.core.calendar import HourRollup
+from processor.core.rollup import ALL_AGENTS, FinalRollup
 from processor.core.sampling import SamplingPolicy
 from processor.core.semconv import ExtractionConfig
 from processor.settings import WorkerSettings
@@ -70,12 +71,14 @@ class MemoryWriter:
     """Stands in for RollupWriter: keeps what MLflow would have been sent."""
 
     written: list[FinalRollup] = field(default_factory=list)
+    hours: list[HourRollup] = field(default_factory=list)
     windows_written: int = 0
     windows_skipped: int = 0
 
-    def write(self, finals: Sequence[FinalRollup]) -> None:
+    def write(self, finals: Sequence[FinalRollup], hours: Sequence[HourRollup] = ()) -> None:
         self.written.extend(finals)
         self.windows_written += len(finals)
+        self.hours.extend(hours)
 
 
 @dataclass
@@ -277,20 +280,22 @@ def test_closed_windows_reach_the_writer_and_freshness_is_measured() -> None:
         await p.aggregate.tick(lambda partition: True)
         await p.finalize.tick()
         samples = scrape(collector_for(p))
-        assert len(p.writer.written) == 1
+        # The agent's window and the all-agents series' window.
+        assert [final.series.agent for final in p.writer.written] == [ALL_AGENTS, "planner"]
         assert value(samples, "windows_closed_total", partition="0") == 1
-        assert value(samples, "partials_sent_total") == 1
-        assert value(samples, "windows_finalized_total") == 1
-        assert value(samples, "mlflow_windows_written_total") == 1
+        assert value(samples, "partials_sent_total") == 2
+        assert value(samples, "windows_finalized_total") == 2
+        assert value(samples, "mlflow_windows_written_total") == 2
         window_end_ms = T0_MS + WINDOW_MS
         freshness_s = (p.clock.now_ms - window_end_ms) / 1000
-        assert value(samples, "window_freshness_seconds_count") == 1
-        assert value(samples, "window_freshness_seconds_sum") == pytest.approx(freshness_s)
+        assert value(samples, "window_freshness_seconds_count") == 2
+        assert value(samples, "window_freshness_seconds_sum") == pytest.approx(2 * freshness_s)
         assert value(samples, "last_window_freshness_seconds") == pytest.approx(freshness_s)
         assert value(samples, "last_window_end_timestamp_seconds") == window_end_ms / 1000
         assert value(samples, "watermark_timestamp_seconds", partition="0") > T0_MS / 1000
-        [written] = p.finalize.recent_windows
+        every, written = p.finalize.recent_windows
         assert (written.agent, written.spans, written.errors) == ("planner", 2, 0)
+        assert (every.agent, every.spans, every.errors) == (ALL_AGENTS, 2, 0)
 
     asyncio.run(scenario())
 
@@ -350,7 +355,7 @@ def test_aggregate_does_not_wait_for_phoenix() -> None:
         commits = await p.aggregate.tick(lambda partition: True)
         await p.finalize.tick()
         assert commits[0].offset == 1, "the commit waited for something besides Kafka"
-        assert len(p.writer.written) == 1
+        assert len(p.writer.written) == 2  # the agent's window and all agents'
         assert len(p.kept) == 1
 
     asyncio.run(scenario())

@@ -30,7 +30,14 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from processor.core.aggregate import WindowAggregate
-from processor.core.rollup import PartialRollup, PartitionProgress, SeriesKey, parse_stage_record
+from processor.core.calendar import SeriesDay
+from processor.core.rollup import (
+    ALL_AGENTS,
+    PartialRollup,
+    PartitionProgress,
+    SeriesKey,
+    parse_stage_record,
+)
 from processor.core.sampling import SamplingPolicy
 from processor.core.semconv import ExtractionConfig
 from processor.core.spans import SpanOrigin
@@ -752,7 +759,7 @@ def test_without_forwarding_nothing_is_written_to_the_sampled_topic() -> None:
         commits = await role.tick(caught_up)
         assert outbox.kept == [] and role.counters.kept_spans == 0
         assert commits[0].offset == 1
-        assert len(outbox.partial_records()) == 1
+        assert len(outbox.partial_records()) == 2  # the agent's and the all-agents series'
 
     run(scenario)
 
@@ -840,7 +847,7 @@ def test_the_clean_run_closes_every_window_keeps_spans_and_commits_everything() 
     # What the crash tests below compare with; a vacuous run would let them pass for nothing.
     clean = clean_run()
     assert clean.outbox.windows_sent() == {T0_MS + n * WINDOW_MS for n in range(4)}
-    assert len(clean.outbox.partial_records()) == 4
+    assert len(clean.outbox.partial_records()) == 2 * 4  # the agent's and all agents', per window
     assert 0 < len(clean.outbox.kept_span_ids()) < clean.role.counters.spans
     assert clean.commits[-1].offset == len(WORKLOAD)
     assert [c.offset for c in clean.commits] == sorted(c.offset for c in clean.commits)
@@ -981,14 +988,24 @@ class MemoryWriter:
 
     failures: int = 0
     windows: list[tuple[int, int, tuple[int, ...]]] = field(default_factory=list)
+    # (agent, step) -> day/spans written with the window; (agent, hour step) -> hour/spans
+    days: dict[tuple[str, int], float] = field(default_factory=dict)
+    hours: dict[tuple[str, int], float] = field(default_factory=dict)
 
-    def write(self, finals: Sequence[Any]) -> None:
+    def write(self, finals: Sequence[Any], hours: Sequence[Any] = ()) -> None:
         if self.failures:
             self.failures -= 1
             raise RetryableExportError("MLflow is down")
         self.windows.extend(
-            (f.window_start_ms, f.aggregate.spans, f.source_partitions) for f in finals
+            (f.window_start_ms, f.aggregate.spans, f.source_partitions)
+            for f in finals
+            if f.series.agent != ALL_AGENTS
         )
+        for f in finals:
+            if f.day_metrics is not None:
+                self.days[(f.series.agent, f.step)] = f.day_metrics["day/spans"]
+        for hour in hours:
+            self.hours[(hour.series.agent, hour.step)] = hour.metrics["hour/spans"]
 
 
 W0, W1 = T0_MS, T0_MS + WINDOW_MS
@@ -1086,6 +1103,91 @@ def test_finalize_reads_back_how_far_windows_are_final(
     clock.now_ms += 11 * WINDOW_MS  # past max_wait: a waiting window is written incomplete
     assert run(role.tick)[0].offset == 5
     assert writer.windows == rewritten
+
+
+@dataclass
+class SummariesTopic:
+    """The compacted summaries topic: the latest record per key, per partition."""
+
+    records: dict[tuple[int, bytes], bytes | None] = field(default_factory=dict)
+
+    async def send(self, key: bytes, value: bytes | None, partition: int) -> None:
+        self.records[(partition, key)] = value
+
+    def days(self, partition: int) -> list[SeriesDay]:
+        return [
+            SeriesDay.from_bytes(value)
+            for (p, _), value in self.records.items()
+            if p == partition and value is not None
+        ]
+
+
+H1 = 1_700_002_800_000  # a UTC hour boundary, after W0
+BEFORE, AFTER = H1 - WINDOW_MS, H1
+
+
+def test_finalize_saves_the_days_it_changed_and_a_new_owner_goes_on_from_them() -> None:
+    topic, writer, clock = SummariesTopic(), MemoryWriter(), Clock(H1 + 5 * WINDOW_MS)
+
+    def role_for(writer: MemoryWriter) -> FinalizeRole:
+        return FinalizeRole(
+            source_partitions=2,
+            max_wait_ms=10 * WINDOW_MS,
+            writer=writer,  # type: ignore[arg-type]
+            clock=clock,
+            send_summary=topic.send,
+        )
+
+    first_hour = [partial(0, BEFORE), partial(1, BEFORE, 2), progress(0, H1), progress(1, H1)]
+    second_hour = [partial(0, AFTER, 4), progress(0, H1 + WINDOW_MS), progress(1, H1 + WINDOW_MS)]
+    role = role_for(writer)
+    role.assign(0, None)
+    for offset, value in enumerate(first_hour):
+        role.handle(0, offset, value)
+    commit = run(role.tick)[0]
+    # The window, its day so far, and its hour (every partition has closed it) are out; the
+    # day is saved with the commit, its hour marked written.
+    assert writer.days == {("planner", BEFORE // WINDOW_MS): 5}
+    assert writer.hours == {("planner", BEFORE // 3_600_000): 5}
+    [saved] = topic.days(0)
+    assert saved.windows == {BEFORE // WINDOW_MS} and saved.hours_written == {H1 - 3_600_000}
+
+    # A new owner resumes at the commit with the saved days; the partials after it come again.
+    writer = MemoryWriter()
+    role = role_for(writer)
+    role.assign(0, commit.offset, commit.metadata, topic.days(0))
+    for offset, value in enumerate(first_hour + second_hour):
+        if offset >= commit.offset:
+            role.handle(0, offset, value)
+    run(role.tick)
+    # The next window's day so far carries the first window's spans exactly once; nothing of
+    # the first hour is written again.
+    assert writer.days == {("planner", AFTER // WINDOW_MS): 9}
+    assert writer.hours == {}  # the second hour is not over
+    offset = len(first_hour + second_hour)
+    role.handle(0, offset, progress(0, H1 + 3_600_000))
+    role.handle(0, offset + 1, progress(1, H1 + 3_600_000))
+    run(role.tick)
+    assert writer.hours == {("planner", H1 // 3_600_000): 4}
+
+
+def test_finalize_forgets_a_day_once_it_is_over() -> None:
+    topic, writer = SummariesTopic(), MemoryWriter()
+    day_end = 1_700_006_400_000  # a UTC midnight
+    role = FinalizeRole(
+        source_partitions=1,
+        max_wait_ms=10 * WINDOW_MS,
+        writer=writer,  # type: ignore[arg-type]
+        clock=Clock(day_end + WINDOW_MS),
+        send_summary=topic.send,
+    )
+    role.assign(0, None)
+    role.handle(0, 0, partial(0, day_end - WINDOW_MS))
+    role.handle(0, 1, progress(0, day_end))
+    run(role.tick)
+    # Deleted from the compacted topic: a new owner starts the next day afresh.
+    assert topic.days(0) == []
+    assert list(topic.records.values()) == [None]
 
 
 @pytest.mark.parametrize(

@@ -16,10 +16,11 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from spanbuilder import T0_MS, payload_of, record, span_pb
 
+from processor.core.aggregate import WindowAggregate
 from processor.core.attribution import TraceAssembler
 from processor.core.decoding import decode_request, extract_spans
 from processor.core.partition import Checkpoint, PartitionAggregator
-from processor.core.rollup import PartialRollup, SeriesKey
+from processor.core.rollup import ALL_SERIES, PartialRollup, SeriesKey
 from processor.core.sampling import SampledSpan, SamplingPolicy, TraceSampler
 from processor.core.semconv import OVERFLOW_SERIES, ExtractionConfig
 from processor.core.spans import SpanRecord
@@ -51,13 +52,29 @@ def aggregator(
 
 def flush(agg: PartitionAggregator) -> list[PartialRollup]:
     """Close everything: the partition is caught up and quiet for a very long time."""
-    return agg.advance(FAR, caught_up=True).partials
+    return agents_only(agg.advance(FAR, caught_up=True).partials)
+
+
+def agents_only(partials: list[PartialRollup]) -> list[PartialRollup]:
+    """The series' partials, once the all-agents partial of each window is checked to be
+    exactly the merge of that window's series."""
+    every = {p.window_start_ms: p for p in partials if p.series == ALL_SERIES}
+    rest = [p for p in partials if p.series != ALL_SERIES]
+    assert len(every) == len([p for p in partials if p.series == ALL_SERIES])
+    assert set(every) == {p.window_start_ms for p in rest}
+    for start, total in every.items():
+        merged = WindowAggregate()
+        for p in rest:
+            if p.window_start_ms == start:
+                merged.merge(p.aggregate)
+        assert total.aggregate.to_state() == merged.to_state(), start
+    return rest
 
 
 def totals(partials: list[PartialRollup]) -> dict[tuple[str, int], tuple[int, int]]:
     """(agent, window start) -> (spans, late spans)."""
     found: dict[tuple[str, int], tuple[int, int]] = {}
-    for p in partials:
+    for p in agents_only(partials) if any(p.series == ALL_SERIES for p in partials) else partials:
         key = (p.series.agent, p.window_start_ms)
         assert key not in found or p.series.dimensions, "one partial per series and window"
         spans, late = found.get(key, (0, 0))
@@ -81,9 +98,9 @@ def test_a_window_closes_when_the_watermark_passes_its_end() -> None:
     agg.add(2, [record(trace=3, span=3, end_ms=T0_MS + SIZE + LATENESS, agent="a")], now_ms=0)
     result = agg.advance(0, caught_up=False)
 
-    assert [(p.series.agent, p.window_start_ms, p.aggregate.spans) for p in result.partials] == [
-        ("a", T0_MS, 1)
-    ]
+    assert [
+        (p.series.agent, p.window_start_ms, p.aggregate.spans) for p in agents_only(result.partials)
+    ] == [("a", T0_MS, 1)]
     assert result.progress is not None
     assert result.progress.closed_until_ms == T0_MS + SIZE
     assert agg.open_windows == [T0_MS + SIZE]
@@ -163,7 +180,7 @@ def test_a_copy_after_its_window_closed_counts_where_late_spans_do_and_not_as_la
     original = record(trace=1, span=1, end_ms=T0_MS + 100, agent="a")
     agg.add(0, [original], now_ms=0)
     agg.add(1, [record(trace=2, span=2, end_ms=T0_MS + SIZE + LATENESS, agent="a")], now_ms=0)
-    first = agg.advance(0, caught_up=False).partials
+    first = agents_only(agg.advance(0, caught_up=False).partials)
     agg.add(2, [dataclasses.replace(original)], now_ms=0)  # within the TTL: remembered
     rest = flush(agg)
 
@@ -219,7 +236,7 @@ def test_a_window_stays_open_while_a_span_in_it_waits_for_its_parent() -> None:
     # newest window), however long its child kept that window open. Lateness goes by the
     # watermark alone: a replay, which may not know what waited, judges it the same way.
     agg.add(2, [record(trace=1, span=1, end_ms=T0_MS + SIZE - 5, agent="planner")], now_ms=0)
-    partials = agg.advance(0, caught_up=False).partials
+    partials = agents_only(agg.advance(0, caught_up=False).partials)
 
     [planner] = [p for p in partials if p.series.agent == "planner"]
     assert planner.window_start_ms == T0_MS
@@ -385,7 +402,7 @@ def test_every_span_is_counted_once_in_spans_or_late_spans(
     for offset, spans in enumerate(messages):
         agg.add(offset, spans, now_ms=offset)
         if offset % advance_every == 0:
-            partials += agg.advance(offset, caught_up=False).partials
+            partials += agents_only(agg.advance(offset, caught_up=False).partials)
     partials += flush(agg)
 
     total = sum(len(spans) for spans in messages)
@@ -449,7 +466,7 @@ def run_aggregate(
         agg.add(offset, messages[offset], now_ms=offset)
         sent += agg.advance(offset, caught_up=False).partials
         kept += agg.take_kept()
-    sent += flush(agg)
+    sent += agg.advance(FAR, caught_up=True).partials
     return AggregateRun(sent, kept + agg.take_kept(), checkpoint)
 
 
@@ -610,8 +627,9 @@ def test_a_crash_and_replay_with_a_sampler_counts_sampled_and_dropped_spans_once
         sampling=policy,
     )
     assert merged(replayed.partials) == merged(clean.partials)
-    outcomes = sum(p.aggregate.sampled_spans + p.aggregate.dropped_spans for p in clean.partials)
-    duplicates = sum(p.aggregate.duplicate_spans for p in clean.partials)
+    agents = [p for p in clean.partials if p.series != ALL_SERIES]
+    outcomes = sum(p.aggregate.sampled_spans + p.aggregate.dropped_spans for p in agents)
+    duplicates = sum(p.aggregate.duplicate_spans for p in agents)
     assert outcomes + duplicates == sum(len(spans) for spans in messages)  # copies: no outcome
 
     # Phoenix gets the same spans: every span counted in a window not yet sent at the

@@ -17,7 +17,7 @@ from spanbuilder import T0_MS, payload_of, request_of, span_pb
 from processor.core.aggregate import WindowAggregate
 from processor.core.decoding import decode_request, extract_spans
 from processor.core.partition import PartitionAggregator
-from processor.core.rollup import PartialRollup, SeriesKey, parse_stage_record
+from processor.core.rollup import ALL_SERIES, PartialRollup, SeriesKey, parse_stage_record
 from processor.core.sampling.threshold import (
     MAX_ADJUSTED_COUNT,
     adjusted_count,
@@ -230,7 +230,9 @@ def test_a_window_of_10_percent_upstream_traces_estimates_the_whole_population()
         decoded = extract_spans(decode_request(payload_of(spans)), config)
         agg.add(offset, decoded.spans, now_ms=0)
         offset += 1
-    [partial] = agg.advance(T0_MS + 10**9, caught_up=True).partials
+    # The agent's partial, and the all-agents one with the same numbers.
+    partial, every = agg.advance(T0_MS + 10**9, caught_up=True).partials
+    assert every.series == ALL_SERIES and every.aggregate.to_state() == partial.aggregate.to_state()
     metrics = partial.aggregate.metrics()
 
     kept_traces = metrics["upstream_sampled_spans"] / 2
