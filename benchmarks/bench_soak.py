@@ -158,7 +158,7 @@ def main() -> None:
     state = STATE.resolve()
     state.mkdir(exist_ok=True)
     stack = LocalStack(
-        StackSettings(dir=state, start_timeout_s=600, **PORTS),
+        StackSettings.model_validate({"dir": state, "start_timeout_s": 600, **PORTS}),
         console=console,
     )
     started_here = [name for name, status in stack.status().items() if not status.running]

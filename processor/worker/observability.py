@@ -537,6 +537,11 @@ class RoleCollector(Collector):
                 "Windows already in MLflow, not written again.",
                 self._writer.windows_skipped,
             )
+            yield _counter(
+                "mlflow_hours_written",
+                "Hours (hour/<metric> points of a series) MLflow stored.",
+                self._writer.hours_written,
+            )
         freshness = SummaryMetricFamily(
             PREFIX + "window_freshness_seconds",
             "Wall clock at write time minus window end, over every window written.",
@@ -663,6 +668,7 @@ METRIC_NAMES = tuple(
         "partials_bad_records_total",
         "mlflow_windows_written_total",
         "mlflow_windows_skipped_total",
+        "mlflow_hours_written_total",
         "window_freshness_seconds_count",
         "window_freshness_seconds_sum",
         "last_window_freshness_seconds",

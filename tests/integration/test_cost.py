@@ -167,7 +167,9 @@ def test_cost_per_model_adds_up_to_each_agent_s_cost(
     assert {model for _, model, _ in found} == {"", *models_used}
     summed: dict[tuple[str, int], dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for (agent, model, step), values in found.items():
-        if model == "":  # the agent's invocations and tools: no LLM call among them
+        # The agent's invocations and tools: no LLM call among them (the all-agents series
+        # has no model dimension: it holds every call).
+        if model == "" and agent != ALL_AGENTS:
             assert values.get("llm_calls", 0) == 0, (agent, step)
         for metric in metrics:
             summed[(agent, step)][metric] += values.get(metric, 0.0)

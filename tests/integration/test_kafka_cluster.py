@@ -93,6 +93,7 @@ def test_topics_on_the_cluster_have_three_replicas_two_in_sync(
         spans_topic=f"{unique_name}.spans",
         dead_letter_topic=f"{unique_name}.dlq",
         partials_topic=f"{unique_name}.partials",
+        summaries_topic=f"{unique_name}.summaries",
         sampled_topic=f"{unique_name}.sampled",
     )
     counts = asyncio.run(ensure_topics(settings))
@@ -102,7 +103,14 @@ def test_topics_on_the_cluster_have_three_replicas_two_in_sync(
     asyncio.run(group_coordinator(bootstrap, unique_name))
 
     topics = [*counts, loadgen_topic]
-    replication = asyncio.run(_replication(bootstrap, topics))
+
+    def described() -> dict[str, tuple[set[int], str]] | None:
+        # A topic created a moment ago may describe with no partitions until the brokers'
+        # metadata catches up (as topics.ensure_topics allows for too).
+        found = asyncio.run(_replication(bootstrap, topics))
+        return found if all(found[topic][0] for topic in topics) else None
+
+    replication = poll_until(described, timeout_s=30, what="the new topics' partitions")
     assert replication == {topic: ({3}, "2") for topic in topics}
     offsets = asyncio.run(_replication(bootstrap, ["__consumer_offsets"]))
     assert offsets["__consumer_offsets"][0] == {3}

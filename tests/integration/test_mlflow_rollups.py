@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 
 import processor
 from processor.core.aggregate import WindowAggregate
+from processor.core.calendar import HOUR_MS, Calendar, HourRollup
 from processor.core.rollup import FinalRollup, SeriesKey
 from processor.loadgen import Scenario, TraceGenerator
 from processor.sinks.mlflow_writer import RollupWriter, utc_day
@@ -213,6 +214,42 @@ def test_replayed_windows_leave_every_metric_history_unchanged(
             assert points == _expected_points(mine, metric), (agent, metric)
 
 
+def test_days_and_hours_are_written_once_at_their_steps_whatever_is_replayed(
+    stack: StackEndpoints, unique_name: str
+) -> None:
+    starts = [MAY_1 + HOUR_MS - 2 * WINDOW_MS + i * WINDOW_MS for i in range(3)]
+    rollups = _rollups(("coder",), starts)
+    calendar = Calendar()
+    for rollup in rollups:
+        rollup.day_metrics = calendar.add(rollup)
+    hours = calendar.close_hours(finalized_until_ms=MAY_1 + 2 * HOUR_MS)
+    assert [hour.step for hour in hours] == [MAY_1 // HOUR_MS, MAY_1 // HOUR_MS + 1]
+
+    def writer() -> RollupWriter:
+        return RollupWriter(tracking_uri=stack.mlflow_url, experiment_name=unique_name)
+
+    writer().write(rollups, hours)
+    # A restarted worker replaying all of it, and an hour finalised again with other values:
+    # the first values stay, one point per step.
+    writer().write(rollups, hours)
+    changed = HourRollup(hours[0].series, hours[0].hour_start_ms, WINDOW_MS, {"hour/spans": 1.0})
+    writer().write([], [changed])
+
+    client = MlflowClient(stack.mlflow_url)
+    run_id = _runs_by_name(client, unique_name)["coder 2024-05-01"].info.run_id
+    spans = [r.aggregate.spans for r in rollups]
+    assert _points(client, run_id, "day/spans") == [
+        (r.step, r.window_end_ms, float(sum(spans[: i + 1]))) for i, r in enumerate(rollups)
+    ]
+    assert _points(client, run_id, "hour/spans") == [
+        (MAY_1 // HOUR_MS, MAY_1 + HOUR_MS, float(sum(spans[:2]))),
+        (MAY_1 // HOUR_MS + 1, MAY_1 + 2 * HOUR_MS, float(spans[2])),
+    ]
+    assert _points(client, run_id, "hour/latency_p95_ms")[0][2] == pytest.approx(
+        hours[0].metrics["hour/latency_p95_ms"]
+    )
+
+
 def test_mlflow_stores_an_identical_metric_point_once(
     stack: StackEndpoints, unique_name: str
 ) -> None:
@@ -329,14 +366,39 @@ def test_the_example_reads_the_rollups_into_a_dataframe(
     analyst_environment: None,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    starts = [MAY_1 + i * WINDOW_MS for i in range(3)]
+    # Three windows in the last minutes of an hour and one in the next, with their days so far
+    # and hours as finalize makes them.
+    starts = [MAY_1 - 3 * WINDOW_MS + i * WINDOW_MS for i in range(4)]
     rollups = _rollups(("coder", "critic"), starts)
+    calendar = Calendar()
+    for rollup in rollups:
+        rollup.day_metrics = calendar.add(rollup)
+    hours = calendar.close_hours(finalized_until_ms=MAY_1 + HOUR_MS)
     RollupWriter(
         tracking_uri=stack.mlflow_url, experiment_name=unique_name, phoenix_url=stack.phoenix_url
-    ).write(rollups)
+    ).write(rollups, hours)
 
     frame = _example_module().read_rollups(unique_name)
     assert len(frame) == len(rollups)
+    assert not [column for column in frame if "/" in column], "hours and days apart"
+    # Hours: each hour's totals, at its hour index.
+    got_hours = _example_module().read_hours(unique_name)
+    assert sorted(zip(got_hours.agent, got_hours.step, got_hours.spans, strict=True)) == sorted(
+        (hour.series.agent, hour.step, hour.metrics["hour/spans"]) for hour in hours
+    )
+    assert {int(s) for s in got_hours.step} == {MAY_1 // HOUR_MS - 1, MAY_1 // HOUR_MS}
+    # Days: one row per run, the day's totals, costliest first.
+    days = _example_module().read_days(unique_name)
+    for row in days.to_dict("records"):
+        windows = [
+            r
+            for r in rollups
+            if r.series.agent == row["agent"] and utc_day(r.window_start_ms) == row["day"]
+        ]
+        assert row["spans"] == sum(r.aggregate.spans for r in windows)
+        assert row["cost_usd"] == pytest.approx(sum(r.metrics()["cost_usd"] for r in windows))
+    assert len(days) == 4  # two agents, two days (the fourth window is May 1st's)
+    assert list(days.day) == sorted(days.day)
     for rollup in rollups:
         (row,) = frame[(frame.agent == rollup.series.agent) & (frame.step == rollup.step)].to_dict(
             "records"
