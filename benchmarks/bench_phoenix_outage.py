@@ -393,6 +393,7 @@ def _worker_env(
             "PROCESSOR_DEAD_LETTER_TOPIC": f"{name}.dlq",
             "PROCESSOR_PARTIALS_TOPIC": f"{name}.partials",
             "PROCESSOR_SUMMARIES_TOPIC": f"{name}.summaries",
+            "PROCESSOR_ALERTS_TOPIC": f"{name}.alerts",
             "PROCESSOR_SAMPLED_TOPIC": f"{name}.sampled",
             "PROCESSOR_PHOENIX_PROJECT": name,
             "PROCESSOR_WINDOW_SIZE_MS": str(WINDOW_MS),

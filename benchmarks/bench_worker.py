@@ -151,6 +151,7 @@ def main() -> None:
             "PROCESSOR_DEAD_LETTER_TOPIC": f"{name}.dlq",
             "PROCESSOR_PARTIALS_TOPIC": f"{name}.partials",
             "PROCESSOR_SUMMARIES_TOPIC": f"{name}.summaries",
+            "PROCESSOR_ALERTS_TOPIC": f"{name}.alerts",
             "PROCESSOR_SAMPLED_TOPIC": f"{name}.sampled",
             "PROCESSOR_PHOENIX_ENABLED": "true" if args.phoenix else "false",
             "PROCESSOR_PHOENIX_PROJECT": name,

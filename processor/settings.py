@@ -26,6 +26,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from processor.alert_rules import AlertRule, load_alert_rules
 from processor.core.pricing import PriceTable, load_own_prices
 from processor.core.sampling import SamplingPolicy
 from processor.core.semconv import MODEL_DIMENSION
@@ -341,7 +342,52 @@ class WorkerSettings(KafkaClientSettings):
         description="Price LLM spans without a reported cost from genai-prices' table.",
     )
 
+    alert_rules_file: str | None = Field(
+        default=None,
+        description=(
+            "Alert rules (YAML or JSON, see the operations guide); unset: the two default "
+            "rules (error rate over 5 %, p95 over 5 s, for 2 windows); `none`: no alerts."
+        ),
+    )
+    alerts_topic: str = Field(
+        default="agent_alerts", description="Topic of the alert events (JSON), keyed by event."
+    )
+    alert_webhook_url: str | None = Field(
+        default=None, description="Also POST every alert event to this URL (optional)."
+    )
+    alert_webhook_format: Literal["json", "slack"] = Field(
+        default="json",
+        description='Webhook body: the event\'s JSON, or a Slack-compatible `{"text": ...}`.',
+    )
+
     _price_table: PriceTable = PrivateAttr(default_factory=PriceTable)
+    _alert_rules: tuple[AlertRule, ...] = PrivateAttr(default=())
+
+    @model_validator(mode="after")
+    def _alert_rules_load(self) -> Self:
+        # A ValueError names the file, the rule and the field (or line) to fix.
+        self._alert_rules = load_alert_rules(self.alert_rules_file)
+        known = set(self.rollup_dimension_names)
+        for rule in self._alert_rules:
+            unknown = sorted({name for name, _ in rule.dimensions} - known)
+            if unknown:
+                raise ValueError(
+                    f"alert rule {rule.name!r} filters on dimension(s) {', '.join(unknown)}, "
+                    f"but the rollups have {', '.join(sorted(known)) or 'none'}: set "
+                    "PROCESSOR_DIMENSION_ATTRIBUTES (or PROCESSOR_ROLLUP_BY_MODEL for model), "
+                    "or drop the filter"
+                )
+        if self.alert_webhook_url is not None and not self.alert_webhook_url.startswith(
+            ("http://", "https://")
+        ):
+            # Not echoed: a webhook URL's path is often its secret.
+            raise ValueError("PROCESSOR_ALERT_WEBHOOK_URL must be an http:// or https:// URL")
+        return self
+
+    @property
+    def alert_rules(self) -> tuple[AlertRule, ...]:
+        """The alert rules (the file read at start-up); empty: alerting off."""
+        return self._alert_rules
 
     @field_validator("prices_file")
     @classmethod
@@ -582,13 +628,14 @@ class WorkerSettings(KafkaClientSettings):
             self.partials_topic,
             self.summaries_topic,
             self.sampled_topic,
+            self.alerts_topic,
         ]
         if self.repartition_by_trace_id:
             topics.append(self.repartition_topic)
         if len(set(topics)) != len(topics):
             raise ValueError(
-                "the spans, dead-letter, partials, summaries, sampled and repartition topics "
-                "must all "
+                "the spans, dead-letter, partials, summaries, sampled, alerts and repartition "
+                "topics must all "
                 f"differ, got {topics}"
             )
         if not self.roles:

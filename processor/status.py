@@ -193,6 +193,9 @@ class FleetView:
         if partitions.row_count:
             parts.append(partitions)
         parts.append(self._windows(answering))
+        alerts = self._alerts(answering)
+        if alerts is not None:
+            parts.append(alerts)
         parts.append(self._problems(scrapes))
         return Group(*parts)
 
@@ -307,6 +310,27 @@ class FleetView:
             )
         if not windows:
             table.add_row("none yet", "", "", "", "", "")
+        return table
+
+    def _alerts(self, scrapes: Sequence[Scrape]) -> Table | None:
+        firing = [
+            (alert, s.worker_id) for s in scrapes for alert in s.status.get("alerts_firing", [])
+        ]
+        if not firing:
+            return None
+        table = Table(title="alerts firing", title_justify="left")
+        for column in ("rule", "severity", "series", "since (UTC)", "worker"):
+            table.add_column(column)
+        firing.sort(key=lambda item: (item[0]["since_ms"], item[0]["rule"]))
+        for alert, worker in firing:
+            style = "red" if alert["severity"] == "critical" else "yellow"
+            table.add_row(
+                Text(str(alert["rule"]), style=style),
+                str(alert["severity"]),
+                " ".join(str(part) for part in alert["series"] if part),
+                _utc(int(alert["since_ms"])),
+                worker,
+            )
         return table
 
     def _problems(self, scrapes: Sequence[Scrape]) -> RenderableType:

@@ -61,6 +61,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from processor import __version__
+from processor.core.alerts import AlertEvent
 from processor.core.calendar import HOUR_PREFIX, HourRollup
 from processor.core.rollup import ALL_AGENTS, FinalRollup, SeriesKey
 from processor.core.spans import NANOS_PER_MILLI
@@ -85,6 +86,7 @@ DAY_TAG = "day"
 VERSION_TAG = "processor.version"
 DIMENSION_TAG_PREFIX = "dimension."
 PHOENIX_TAG = "phoenix.url"
+ALERT_TAG_PREFIX = "alert."
 NOTE_TAG = "mlflow.note.content"  # the run's description, rendered as Markdown by the UI
 
 # MLflow's client reads its HTTP policy from these variables on every request. Values already
@@ -168,8 +170,14 @@ class RollupWriter:
         with _export_errors():
             self._experiment()
 
-    def write(self, rollups: Sequence[FinalRollup], hours: Sequence[HourRollup] = ()) -> None:
-        """Write every rollup and hour not yet in MLflow.
+    def write(
+        self,
+        rollups: Sequence[FinalRollup],
+        hours: Sequence[HourRollup] = (),
+        alerts: Sequence[AlertEvent] = (),
+    ) -> list[str | None]:
+        """Write every rollup and hour not yet in MLflow, and tag each alert's run of the day
+        with its state (``alert.<rule>``); return the run id of each alert.
 
         Raises RetryableExportError while MLflow is unreachable, failing or refusing access:
         calling again with the same rollups is safe and writes each window once.
@@ -178,6 +186,7 @@ class RollupWriter:
             try:
                 self._write(rollups)
                 self._write_hours(hours)
+                return self._tag_alerts(alerts)
             except (MlflowException, requests.HTTPError) as exc:
                 if _status_of(exc) not in (400, 404):
                     raise
@@ -187,6 +196,21 @@ class RollupWriter:
                 self._forget()
                 self._write(rollups)
                 self._write_hours(hours)
+                return self._tag_alerts(alerts)
+
+    def _tag_alerts(self, alerts: Sequence[AlertEvent]) -> list[str | None]:
+        run_ids: list[str | None] = []
+        for event in alerts:
+            run = self._run(event.series, utc_day(event.window_start_ms), event.window_size_ms)
+            verb = "since" if event.state == "firing" else "at"
+            self._client.set_tag(
+                run.run_id,
+                ALERT_TAG_PREFIX + _tag_safe(event.rule),
+                f"{event.state} {verb} {_iso(event.window_start_ms)} "
+                f"(window {_iso(event.window_start_ms)} to {_iso(event.window_end_ms)})",
+            )
+            run_ids.append(run.run_id)
+        return run_ids
 
     def _write_hours(self, hours: Sequence[HourRollup]) -> None:
         for hour in hours:
@@ -278,6 +302,10 @@ class RollupWriter:
                 ],
             },
         }
+
+    def trace_link(self, trace_id_hex: str) -> str | None:
+        """The Phoenix URL that opens the trace, or None without a Phoenix URL."""
+        return self._link(trace_id_hex)
 
     def _link(self, trace_id_hex: str) -> str | None:
         return trace_url(self._phoenix_url, trace_id_hex) if self._phoenix_url else None

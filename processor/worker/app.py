@@ -23,9 +23,11 @@ from processor.core.semconv import ExtractionConfig
 from processor.errors import ExportError
 from processor.kafka_security import faust_credentials
 from processor.settings import WorkerSettings
+from processor.sinks.alert_webhook import AlertWebhook
 from processor.sinks.mlflow_writer import RollupWriter
 from processor.sinks.phoenix import PhoenixExporter, RetryPolicy
 from processor.worker.aggregate import AggregateRole, DeadLetter
+from processor.worker.alerting import Alerting
 from processor.worker.assignment import AssignmentGate
 from processor.worker.commits import CheckpointingTransport, CommitLedger, committed_metadata
 from processor.worker.finalize import FinalizeRole
@@ -34,7 +36,7 @@ from processor.worker.forward_consumer import ForwardConsumer, RefusedBatches
 from processor.worker.observability import ObservabilityService, install_observability
 from processor.worker.phoenix_delivery import SpanForwarder
 from processor.worker.repartition import Repartitioner
-from processor.worker.summaries import read_days
+from processor.worker.summaries import read_summaries
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +152,7 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
     dead_letter_topic = app.topic(
         settings.dead_letter_topic, value_serializer="raw", key_serializer="raw"
     )
+    alerts_topic = app.topic(settings.alerts_topic, value_serializer="raw", key_serializer="raw")
 
     sampled_topic = app.topic(
         settings.sampled_topic,
@@ -163,6 +166,9 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
 
     async def send_summary(key: bytes, value: bytes | None, partition: int) -> None:
         await summaries_topic.send(key=key, value=value, partition=partition)
+
+    async def send_alert(key: bytes, value: bytes) -> None:
+        await alerts_topic.send(key=key, value=value)
 
     async def send_kept(key: bytes, value: bytes, partition: int | None) -> None:
         # No partition: the default partitioner hashes the trace id, so a trace stays together.
@@ -219,12 +225,29 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
         dimension_names=settings.rollup_dimension_names,
         phoenix_url=settings.phoenix_public_url or settings.phoenix_collector_endpoint,
     )
+    webhook = (
+        AlertWebhook(settings.alert_webhook_url, body_format=settings.alert_webhook_format)
+        if settings.alert_webhook_url and settings.alert_rules
+        else None
+    )
+    alerting = (
+        Alerting(
+            rules=settings.alert_rules,
+            dimension_names=settings.rollup_dimension_names,
+            send=send_alert,
+            webhook=webhook,
+            link=rollup_writer.trace_link,
+        )
+        if settings.alert_rules
+        else None
+    )
     finalize = FinalizeRole(
         source_partitions=source_partitions or settings.spans_partitions,
         max_wait_ms=settings.finalize_max_wait_ms,
         writer=rollup_writer,
         clock=wall_clock_ms,
         send_summary=send_summary,
+        alerting=alerting,
     )
     forward = (
         build_forward_consumer(settings)
@@ -264,6 +287,15 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
             )
     if "finalize" in roles:
         _finalize_agents(app, settings, finalize, partials_topic, set_up, ledger)
+        if webhook is not None:
+
+            @app.task
+            async def deliver_alerts() -> None:
+                # Queued by finalize, sent here at the receiver's pace: never in its way.
+                try:
+                    await webhook.run()
+                finally:
+                    await webhook.close()
 
     @app.timer(settings.progress_log_interval_s)
     async def log_progress() -> None:
@@ -303,13 +335,13 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
         taken = [tp for tp in assigned if tp.topic in ours]
         committed = await committed_metadata(settings, settings.app_id, taken)
         finalized = [tp.partition for tp in taken if tp.topic == settings.partials_topic]
-        days = await read_days(settings, settings.summaries_topic, finalized)
+        summaries = await read_summaries(settings, settings.summaries_topic, finalized)
         for tp in taken:
             offset, metadata = committed.get(tp, (None, ""))
             if tp.topic == settings.aggregate_topic:
                 aggregate.assign(tp.partition, offset, metadata)
             else:
-                finalize.assign(tp.partition, offset, metadata, days.get(tp.partition, ()))
+                finalize.assign(tp.partition, offset, metadata, summaries.get(tp.partition, ()))
         gate.open(taken)
 
     @app.task

@@ -20,11 +20,13 @@ from dataclasses import dataclass
 import orjson
 
 from processor.clock import Clock
+from processor.core.alerts import AlertEvaluator, AlertEvent, SeriesAlerts
 from processor.core.calendar import Calendar, HourRollup, SeriesDay, summary_key
 from processor.core.merge import RollupMerger
 from processor.core.rollup import FinalRollup, PartitionProgress, parse_stage_record
 from processor.errors import RetryableExportError
 from processor.sinks.mlflow_writer import RollupWriter
+from processor.worker.alerting import Alerting
 from processor.worker.offsets import Commit, PartitionOffsets
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ class FinalizeRole:
         writer: RollupWriter,
         clock: Clock,
         send_summary: SendSummary | None = None,
+        alerting: Alerting | None = None,
         retry_base_s: float = 1.0,
         retry_max_s: float = 30.0,
     ) -> None:
@@ -65,10 +68,12 @@ class FinalizeRole:
         self._clock = clock
         # None: no summaries topic (unit tests of windows alone): days live in memory only.
         self._send_summary = send_summary
+        self.alerting = alerting
         self._retry_base_s = retry_base_s
         self._retry_max_s = retry_max_s
         self.mergers: dict[int, RollupMerger] = {}
         self.calendars: dict[int, Calendar] = {}
+        self.evaluators: dict[int, AlertEvaluator] = {}
         # The partials topic is compacted: its first record need not be at the commit.
         self._offsets = PartitionOffsets(log, "finalize", compacted=True)
         self.windows_written = 0
@@ -83,20 +88,25 @@ class FinalizeRole:
         partition: int,
         committed: int | None,
         metadata: str = "",
-        days: Iterable[SeriesDay] = (),
+        summaries: Iterable[SeriesDay | SeriesAlerts] = (),
     ) -> None:
         """Take over ``partition`` at the group's committed offset (None: no commit yet),
-        with the finalised-until mark its commit carries and its days from the summaries
-        topic."""
+        with the finalised-until mark its commit carries and its days and alert states from
+        the summaries topic."""
         merger = self._merger(partition)
         merger.finalized_until_ms = finalized_until(metadata)
+        saved = list(summaries)
         calendar = self.calendars[partition] = Calendar()
-        calendar.restore(days)
+        calendar.restore(item for item in saved if isinstance(item, SeriesDay))
+        if self.alerting is not None:
+            evaluator = self.evaluators[partition] = self.alerting.evaluator()
+            evaluator.restore(item for item in saved if isinstance(item, SeriesAlerts))
         self._offsets.assign(partition, committed)
 
     def revoke_all(self) -> None:
         self.mergers.clear()
         self.calendars.clear()
+        self.evaluators.clear()
         self._offsets.revoke_all()
 
     def _merger(self, partition: int) -> RollupMerger:
@@ -128,23 +138,35 @@ class FinalizeRole:
         now = self._clock()
         finals: list[FinalRollup] = []
         hours: list[HourRollup] = []
+        events: list[AlertEvent] = []
         mergers = list(self.mergers.items())
         calendars: dict[int, Calendar] = {}
+        evaluators: dict[int, AlertEvaluator | None] = {}
         for partition, merger in mergers:
             calendar = calendars[partition] = self.calendars.setdefault(partition, Calendar())
+            evaluator = evaluators[partition] = self._evaluator(partition)
             ready = merger.ready(now)
             for final in ready:
                 final.day_metrics = calendar.add(final)
+                if evaluator is not None:
+                    events.extend(evaluator.observe(final))
             finals.extend(ready)
-            hours.extend(calendar.close_hours(merger.finalized_until_ms))
+            closed = calendar.close_hours(merger.finalized_until_ms)
+            hours.extend(closed)
+            if evaluator is not None:
+                for hour in closed:
+                    events.extend(evaluator.observe_hour(hour))
+                events.extend(evaluator.close(merger.finalized_until_ms))
             calendar.close_days(merger.finalized_until_ms)
-        if finals or hours:
-            await self._write(finals, hours)
+        if finals or hours or events:
+            run_ids = await self._write(finals, hours, events)
+            if events and self.alerting is not None:
+                await self.alerting.publish(events, run_ids)
         commits: dict[int, Commit] = {}
         for partition, merger in mergers:
             if self.mergers.get(partition) is not merger:
                 continue  # revoked while MLflow was written
-            if not await self._save_days(partition, calendars[partition]):
+            if not await self._save_state(partition, calendars[partition], evaluators[partition]):
                 continue
             offset = self._offsets.safe(partition, merger.min_pending_offset())
             if offset is None:
@@ -154,25 +176,48 @@ class FinalizeRole:
             commits[partition] = Commit(offset, metadata)
         return commits
 
-    async def _save_days(self, partition: int, calendar: Calendar) -> bool:
-        """Hand the partition's changed days to the producer; False when it was revoked
-        meanwhile (its new owner folds again what this one did not save)."""
+    def _evaluator(self, partition: int) -> AlertEvaluator | None:
+        if self.alerting is None:
+            return None
+        evaluator = self.evaluators.get(partition)
+        if evaluator is None:
+            evaluator = self.evaluators[partition] = self.alerting.evaluator()
+        return evaluator
+
+    async def _save_state(
+        self, partition: int, calendar: Calendar, evaluator: AlertEvaluator | None
+    ) -> bool:
+        """Hand the partition's changed days and alert states to the producer; False when it
+        was revoked meanwhile (its new owner does again what this one did not save)."""
         changed, closed = calendar.take_changes()
+        alerts = evaluator.take_changes() if evaluator is not None else []
         if self._send_summary is None:
             return True
         for day in changed:
             await self._send_summary(day.record_key(), day.to_bytes(), partition)
         for key in closed:
             await self._send_summary(summary_key(key), None, partition)  # compaction drops it
+        for states in alerts:
+            await self._send_summary(states.record_key(), states.to_bytes(), partition)
         return self.calendars.get(partition) is calendar
 
-    async def _write(self, finals: list[FinalRollup], hours: list[HourRollup]) -> None:
+    def firing_alerts(self) -> list[tuple[str, str, tuple[str, ...], int]]:
+        """(rule, severity, (agent, *dimensions), since ms) of every alert firing now."""
+        return sorted(
+            (rule, severity, (series.agent, *series.dimensions), since)
+            for evaluator in self.evaluators.values()
+            for rule, severity, series, since in evaluator.firing()
+        )
+
+    async def _write(
+        self, finals: list[FinalRollup], hours: list[HourRollup], events: list[AlertEvent]
+    ) -> list[str | None]:
         # Never drop a window: while MLflow is down, wait and try again (the partials topic
         # backs up meanwhile, which is the backpressure we want).
         attempt = 0
         while True:
             try:
-                await asyncio.to_thread(self._writer.write, finals, hours)
+                run_ids = await asyncio.to_thread(self._writer.write, finals, hours, events)
             except RetryableExportError as exc:
                 attempt += 1
                 self.write_retries += 1
@@ -205,7 +250,7 @@ class FinalizeRole:
                             "window_start_ms": final.window_start_ms,
                         },
                     )
-                return
+                return run_ids
 
 
 def finalized_until(metadata: str) -> int | None:

@@ -53,6 +53,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
+from processor.core.alerts import FIRING, RESOLVED
 from processor.core.sampling.policy import KEEP_REASONS
 from processor.errors import ConfigurationError
 from processor.settings import WorkerSettings
@@ -74,6 +75,7 @@ if TYPE_CHECKING:  # `trace-processor status` imports this module: no MLflow or 
     from processor.core.partition import PartitionAggregator
     from processor.core.sampling import SamplingStats
     from processor.sinks.mlflow_writer import RollupWriter
+    from processor.worker.alerting import Alerting
     from processor.worker.commits import CommitLedger
     from processor.worker.forward_consumer import ForwardConsumer
 
@@ -150,6 +152,9 @@ class FinalizeView(Protocol):
     def freshness_ms_sum(self) -> int: ...
     @property
     def recent_windows(self) -> Sequence[WrittenWindowView]: ...
+    @property
+    def alerting(self) -> Alerting | None: ...
+    def firing_alerts(self) -> list[tuple[str, str, tuple[str, ...], int]]: ...
 
 
 class CarriedTotals:
@@ -512,6 +517,45 @@ class RoleCollector(Collector):
             1 if stats.unauthorized else 0,
         )
 
+    def _alert_metrics(self, finalize: FinalizeView) -> Iterator[Metric]:
+        alerting = finalize.alerting
+        if alerting is None:
+            return
+        firing = GaugeMetricFamily(
+            PREFIX + "alert_firing",
+            "1 while the rule's alert is firing for the agent (its series).",
+            labels=["rule", "agent"],
+        )
+        for rule, _, series, _ in finalize.firing_alerts():
+            firing.add_metric([rule, " ".join(series)], 1)
+        yield firing
+        events = CounterMetricFamily(
+            PREFIX + "alert_events", "Alert events sent, by state.", labels=["state"]
+        )
+        for state in (FIRING, RESOLVED):
+            events.add_metric([state], alerting.events[state])
+        yield events
+        webhook = alerting.webhook
+        if webhook is not None:
+            yield _counter(
+                "alert_webhook_delivered", "Alert events the webhook took.", webhook.delivered
+            )
+            yield _counter(
+                "alert_webhook_failed_attempts",
+                "Webhook calls that failed and were retried.",
+                webhook.failed_attempts,
+            )
+            yield _counter(
+                "alert_webhook_rejected",
+                "Alert events the webhook refused (4xx), not retried.",
+                webhook.rejected,
+            )
+            yield _counter(
+                "alert_webhook_dropped",
+                "Alert events dropped from a full webhook queue (the alerts topic has them).",
+                webhook.dropped,
+            )
+
     def _finalize_metrics(self, finalize: FinalizeView) -> Iterator[Metric]:
         yield _counter(
             "windows_finalized",
@@ -542,6 +586,7 @@ class RoleCollector(Collector):
                 "Hours (hour/<metric> points of a series) MLflow stored.",
                 self._writer.hours_written,
             )
+        yield from self._alert_metrics(finalize)
         freshness = SummaryMetricFamily(
             PREFIX + "window_freshness_seconds",
             "Wall clock at write time minus window end, over every window written.",
@@ -669,6 +714,12 @@ METRIC_NAMES = tuple(
         "mlflow_windows_written_total",
         "mlflow_windows_skipped_total",
         "mlflow_hours_written_total",
+        "alert_firing",
+        "alert_events_total",
+        "alert_webhook_delivered_total",
+        "alert_webhook_failed_attempts_total",
+        "alert_webhook_rejected_total",
+        "alert_webhook_dropped_total",
         "window_freshness_seconds_count",
         "window_freshness_seconds_sum",
         "last_window_freshness_seconds",
@@ -1001,6 +1052,12 @@ class ObservabilityService(mode.Service):
                 for w in reversed(windows)
             ],
             "recent_problems": list(reversed(recent_problems.snapshot())),
+            "alerts_firing": [
+                {"rule": rule, "severity": severity, "series": list(series), "since_ms": since}
+                for rule, severity, series, since in (
+                    finalize.firing_alerts() if finalize is not None else []
+                )
+            ],
         }
 
     # -- HTTP ------------------------------------------------------------------------------

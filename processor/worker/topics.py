@@ -89,6 +89,8 @@ def topic_specs(settings: WorkerSettings) -> list[TopicSpec]:
                 "delete.retention.ms": str(24 * 3600 * 1000),
             },
         ),
+        # Alert events, keyed (rule, series, window): kept for two weeks like dead letters.
+        TopicSpec(settings.alerts_topic, 1, {"retention.ms": str(14 * 24 * 3600 * 1000)}),
         # Kept spans wait here for Phoenix: retention is how long Phoenix may be away.
         TopicSpec(
             settings.sampled_topic,

@@ -164,6 +164,7 @@ def worker_env(
             "PROCESSOR_DEAD_LETTER_TOPIC": f"{name}.dlq",
             "PROCESSOR_PARTIALS_TOPIC": f"{name}.partials",
             "PROCESSOR_SUMMARIES_TOPIC": f"{name}.summaries",
+            "PROCESSOR_ALERTS_TOPIC": f"{name}.alerts",
             # Else every test's forward role reads the one default sampled topic, and sends the
             # kept spans of the others to its own Phoenix project.
             "PROCESSOR_SAMPLED_TOPIC": f"{name}.sampled",

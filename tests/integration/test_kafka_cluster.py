@@ -94,6 +94,7 @@ def test_topics_on_the_cluster_have_three_replicas_two_in_sync(
         dead_letter_topic=f"{unique_name}.dlq",
         partials_topic=f"{unique_name}.partials",
         summaries_topic=f"{unique_name}.summaries",
+        alerts_topic=f"{unique_name}.alerts",
         sampled_topic=f"{unique_name}.sampled",
     )
     counts = asyncio.run(ensure_topics(settings))

@@ -28,13 +28,17 @@ from faust.types import TP
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from processor.alert_rules import DEFAULT_RULES
+from processor.core.alerts import AlertEvent
 from processor.core.calendar import HourRollup
 from processor.core.rollup import ALL_AGENTS, FinalRollup
 from processor.core.sampling import SamplingPolicy
 from processor.core.semconv import ExtractionConfig
 from processor.settings import WorkerSettings
+from processor.sinks.alert_webhook import AlertWebhook
 from processor.sinks.phoenix import PhoenixExporter, RetryPolicy
 from processor.worker.aggregate import AggregateRole, DeadLetter
+from processor.worker.alerting import Alerting
 from processor.worker.commits import CommitLedger
 from processor.worker.finalize import FinalizeRole
 from processor.worker.forward import ForwardRole
@@ -72,13 +76,22 @@ class MemoryWriter:
 
     written: list[FinalRollup] = field(default_factory=list)
     hours: list[HourRollup] = field(default_factory=list)
+    alerts: list[AlertEvent] = field(default_factory=list)
     windows_written: int = 0
     windows_skipped: int = 0
+    hours_written: int = 0
 
-    def write(self, finals: Sequence[FinalRollup], hours: Sequence[HourRollup] = ()) -> None:
+    def write(
+        self,
+        finals: Sequence[FinalRollup],
+        hours: Sequence[HourRollup] = (),
+        alerts: Sequence[AlertEvent] = (),
+    ) -> list[str | None]:
         self.written.extend(finals)
         self.windows_written += len(finals)
         self.hours.extend(hours)
+        self.alerts.extend(alerts)
+        return [None for _ in alerts]
 
 
 @dataclass
@@ -487,7 +500,12 @@ def test_the_documented_metrics_are_exactly_the_exposed_ones() -> None:
 
     forward = ForwardStandIn(ForwardRole(asyncio.run(make_forwarder())))
     registry = CollectorRegistry()
-    registry.register(collector_for(pipeline(forwarding=True), forward=forward))
+    alerted = pipeline(forwarding=True)
+    # With alerting and its webhook on: their series too.
+    alerted.finalize.alerting = Alerting(
+        rules=DEFAULT_RULES, webhook=AlertWebhook("http://127.0.0.1:9/alerts")
+    )
+    registry.register(collector_for(alerted, forward=forward))
     exposed = _exposed_names(generate_latest(registry).decode())
     assert exposed == set(METRIC_NAMES)
     documented = set(re.findall(r"^\| `(trace_processor_\w+)`", DOCS.read_text(), re.MULTILINE))

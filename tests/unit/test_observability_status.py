@@ -110,3 +110,39 @@ def test_status_once_without_workers_says_how_to_start_one(tmp_path: Path) -> No
 
 def test_the_view_reads_the_series_the_worker_writes() -> None:
     assert status.PREFIX == observability.PREFIX
+
+
+def test_the_view_lists_the_alerts_firing_now() -> None:
+    firing = {
+        **_status("w-a", ready=True, problems=[]),
+        "alerts_firing": [
+            {
+                "rule": "quiet-silent",
+                "severity": "critical",
+                "series": ["quiet"],
+                "since_ms": T0_MS,
+            },
+            {
+                "rule": "error-rate",
+                "severity": "warning",
+                "series": ["coder", "gpt-4o"],
+                "since_ms": T0_MS + 60_000,
+            },
+        ],
+    }
+    calm = _status("w-b", ready=True, problems=[])
+    console = Console(record=True, width=220)
+    scrapes = [
+        Scrape("http://127.0.0.1:9464", T0_MS / 1000, {}, firing),
+        Scrape("http://127.0.0.1:9465", T0_MS / 1000, {}, calm),
+    ]
+    console.print(FleetView().update(scrapes, now_s=T0_MS / 1000, source="test"))
+    text = console.export_text()
+    assert "alerts firing" in text
+    lines = [line for line in text.splitlines() if "quiet-silent" in line or "error-rate" in line]
+    assert len(lines) == 2 and "quiet-silent" in lines[0]  # the oldest first
+    assert "critical" in lines[0] and "w-a" in lines[0]
+    assert "coder gpt-4o" in lines[1]
+    console = Console(record=True, width=220)
+    console.print(FleetView().update(scrapes[1:], now_s=T0_MS / 1000, source="test"))
+    assert "alerts firing" not in console.export_text()  # none: no table

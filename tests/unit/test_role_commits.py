@@ -991,8 +991,11 @@ class MemoryWriter:
     # (agent, step) -> day/spans written with the window; (agent, hour step) -> hour/spans
     days: dict[tuple[str, int], float] = field(default_factory=dict)
     hours: dict[tuple[str, int], float] = field(default_factory=dict)
+    alerts: list[Any] = field(default_factory=list)
 
-    def write(self, finals: Sequence[Any], hours: Sequence[Any] = ()) -> None:
+    def write(
+        self, finals: Sequence[Any], hours: Sequence[Any] = (), alerts: Sequence[Any] = ()
+    ) -> list[str | None]:
         if self.failures:
             self.failures -= 1
             raise RetryableExportError("MLflow is down")
@@ -1006,6 +1009,8 @@ class MemoryWriter:
                 self.days[(f.series.agent, f.step)] = f.day_metrics["day/spans"]
         for hour in hours:
             self.hours[(hour.series.agent, hour.step)] = hour.metrics["hour/spans"]
+        self.alerts.extend(alerts)
+        return ["run" for _ in alerts]
 
 
 W0, W1 = T0_MS, T0_MS + WINDOW_MS
