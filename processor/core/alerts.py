@@ -157,12 +157,8 @@ class AlertEvaluator:
         self._dimension_names = tuple(dimension_names)
         self._series: dict[SeriesRef, SeriesAlerts] = {}
         self._changed: set[SeriesRef] = set()
-        # rule name -> applies to the series? (a glob match per series, once)
+        # (agent, *dimensions) -> the rules that watch it (glob matches, once per series)
         self._matching: dict[tuple[str, ...], tuple[Rule, ...]] = {}
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self._rules)
 
     def restore(self, states: Iterable[SeriesAlerts]) -> None:
         known = {rule.name for rule in self._rules}
@@ -202,9 +198,7 @@ class AlertEvaluator:
                 if metrics is None:
                     metrics = final.metrics()
                 value = metrics.get(metric)
-            events.extend(
-                self._judge(rule, state, alerts, value, final.window_start_ms, final, step)
-            )
+            events.extend(self._judge(rule, state, alerts, value, final.window_start_ms, final))
         return events
 
     def observe_hour(self, hour: HourRollup) -> list[AlertEvent]:
@@ -227,9 +221,7 @@ class AlertEvaluator:
             if hour.metrics.get(HOUR_PREFIX + "spans", 0.0) < rule.min_spans:
                 continue
             value = hour.metrics.get(rule.metric or "")
-            events.extend(
-                self._judge(rule, state, alerts, value, hour.hour_start_ms, None, hour.step)
-            )
+            events.extend(self._judge(rule, state, alerts, value, hour.hour_start_ms, None))
         return events
 
     def close(self, finalized_until_ms: int | None) -> list[AlertEvent]:
@@ -311,7 +303,6 @@ class AlertEvaluator:
         value: float | None,
         start_ms: int,
         final: FinalRollup | None,
-        step: int,
     ) -> list[AlertEvent]:
         if rule.holds(value):
             state.streak += 1

@@ -1,8 +1,9 @@
-"""Where finalize's alert events go: the alerts topic, the webhook, the worker's counters.
+"""Where finalize's alert events go: the alerts topic and the worker's counters.
 
-None of them holds back rollups: the topic is written like the summaries (handed to the
-producer before the commit), the webhook only queues (``AlertWebhook.offer``), and MLflow's
-run tags are set with the window writes. An event's JSON is ``schemas/alert.schema.json``.
+None of it holds back rollups: the topic is written like the summaries (handed to the
+producer before the commit), and MLflow's run tags are set with the window writes. The webhook
+reads the topic on its own (``alert_notifier``). An event's JSON is
+``schemas/alert.schema.json``.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class Alerting:
     rules: Sequence[Rule]
     dimension_names: Sequence[str] = ()
     send: SendAlert | None = None
-    webhook: AlertWebhook | None = None
+    webhook: AlertWebhook | None = None  # fed from the topic; here for its counters
     link: Callable[[str], str | None] = lambda trace: None
     events: Counter[str] = field(default_factory=Counter)  # by state
 
@@ -88,8 +89,6 @@ class Alerting:
             value = orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
             if self.send is not None:
                 await self.send(event.key(), value)
-            if self.webhook is not None:
-                self.webhook.offer(document)
             self.events[event.state] += 1
             log.log(
                 logging.WARNING if event.state == FIRING else logging.INFO,

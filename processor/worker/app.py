@@ -27,6 +27,7 @@ from processor.sinks.alert_webhook import AlertWebhook
 from processor.sinks.mlflow_writer import RollupWriter
 from processor.sinks.phoenix import PhoenixExporter, RetryPolicy
 from processor.worker.aggregate import AggregateRole, DeadLetter
+from processor.worker.alert_notifier import AlertNotifier
 from processor.worker.alerting import Alerting
 from processor.worker.assignment import AssignmentGate
 from processor.worker.commits import CheckpointingTransport, CommitLedger, committed_metadata
@@ -288,14 +289,7 @@ def create_app(settings: WorkerSettings, *, source_partitions: int | None = None
     if "finalize" in roles:
         _finalize_agents(app, settings, finalize, partials_topic, set_up, ledger)
         if webhook is not None:
-
-            @app.task
-            async def deliver_alerts() -> None:
-                # Queued by finalize, sent here at the receiver's pace: never in its way.
-                try:
-                    await webhook.run()
-                finally:
-                    await webhook.close()
+            app.add_dependency(AlertNotifier(settings, webhook))
 
     @app.timer(settings.progress_log_interval_s)
     async def log_progress() -> None:

@@ -120,6 +120,8 @@ def test_metrics_move_under_loadgen_traffic_and_status_shows_the_worker(
         PROCESSOR_IDLE_TIMEOUT_MS="2000",
         # every span to Phoenix, so the forwarding counters can be checked span for span
         PROCESSOR_SAMPLING_PROBABILITY="1.0",
+        # A webhook nobody answers: its counters are among the documented series.
+        PROCESSOR_ALERT_WEBHOOK_URL="http://127.0.0.1:9/alerts",
     )
     registry = WorkerRegistry(work_dir / "registry")
     worker = WorkerProcess(env, work_dir / "worker.log").start()
