@@ -648,9 +648,12 @@ def test_a_crash_and_replay_with_a_sampler_counts_sampled_and_dropped_spans_once
     assert unsent(replayed.kept) == unsent(clean.kept)
     if not budgeted:
         # Without a budget a trace's answer is its own: every span of a message from the
-        # checkpoint on gets the same answer, in whatever window it counts.
+        # checkpoint on gets the same answer, in whatever window it counts. A span kept
+        # before the checkpoint may be kept again from a copy after it (the replay does not
+        # know the copies before its checkpoint): Phoenix stores it once.
         from_checkpoint = {ids(i) for i in clean.kept if i.offset >= checkpoint.offset}
-        assert {ids(i) for i in replayed.kept} == from_checkpoint
+        before = {ids(i) for i in clean.kept if i.offset < checkpoint.offset}
+        assert from_checkpoint <= {ids(i) for i in replayed.kept} <= from_checkpoint | before
 
 
 @st.composite
