@@ -155,6 +155,8 @@ def test_a_stream_through_a_secured_broker_reaches_mlflow_and_phoenix(
                     for name, calls in USAGE.items()
                 )
                 and by_agent["orchestrator"]["invocations"] == QUESTIONS  # the graph's roots
+                # An agent's invocation ends after its model calls, maybe a window later.
+                and all(by_agent[name]["invocations"] == QUESTIONS for name in USAGE)
             )
             return found if done else None
 
