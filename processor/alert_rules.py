@@ -47,6 +47,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from processor.core.aggregate import WindowAggregate
+from processor.core.calendar import DAY_PREFIX, HOUR_PREFIX
 from processor.core.rollup import ALL_AGENTS
 
 Op = Literal[">", ">=", "<", "<="]
@@ -56,8 +57,6 @@ Kind = Literal["threshold", "silent"]
 OPS: tuple[str, ...] = get_args(Op)
 SEVERITIES: tuple[str, ...] = get_args(Severity)
 KINDS: tuple[str, ...] = get_args(Kind)
-HOUR_PREFIX = "hour/"
-DAY_PREFIX = "day/"
 
 # The metrics of one window (schemas/metrics.md): an empty aggregate's, the latency ones (absent
 # without invocations), and whether every source partition had closed the window.

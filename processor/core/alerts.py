@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import orjson
 
 from processor.core.calendar import DAY_PREFIX, HOUR_MS, HOUR_PREFIX, HourRollup
-from processor.core.rollup import FinalRollup, SeriesKey
+from processor.core.rollup import FinalRollup, SeriesKey, dimension_items
 
 ALERTS_KIND = "alerts"
 ALERTS_VERSION = 1
@@ -365,11 +365,7 @@ class AlertEvaluator:
         key = (series.agent, *series.dimensions)
         rules = self._matching.get(key)
         if rules is None:
-            names = self._dimension_names
-            dimensions = {
-                names[i] if i < len(names) else f"dimension_{i}": value
-                for i, value in enumerate(series.dimensions)
-            }
+            dimensions = dict(dimension_items(self._dimension_names, series.dimensions))
             rules = self._matching[key] = tuple(
                 rule for rule in self._rules if rule.matches(series.agent, dimensions)
             )

@@ -8,7 +8,9 @@ partial rebuilt from the same spans is the same bytes. The schema is in ``schema
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import orjson
@@ -26,6 +28,19 @@ class SeriesKey(NamedTuple):
     # A tuple, not a dataclass: it is hashed for every span, and a tuple hashes in C.
     agent: str
     dimensions: tuple[str, ...] = ()
+
+
+def dimension_items(names: Sequence[str], values: Sequence[str]) -> list[tuple[str, str]]:
+    """A series' dimension values with their names (``dimension_<i>`` past the names known)."""
+    return [
+        (names[i] if i < len(names) else f"dimension_{i}", value) for i, value in enumerate(values)
+    ]
+
+
+def iso_ms(timestamp_ms: int) -> str:
+    """``2024-05-01T00:00:00.000Z``"""
+    moment = datetime.fromtimestamp(timestamp_ms / 1000, tz=UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 # Every span of every agent, whatever the dimensions: the system's totals.

@@ -63,7 +63,7 @@ from mlflow.tracking import MlflowClient
 from processor import __version__
 from processor.core.alerts import AlertEvent
 from processor.core.calendar import HOUR_PREFIX, HourRollup
-from processor.core.rollup import ALL_AGENTS, FinalRollup, SeriesKey
+from processor.core.rollup import ALL_AGENTS, FinalRollup, SeriesKey, dimension_items, iso_ms
 from processor.core.spans import NANOS_PER_MILLI
 from processor.errors import PermanentExportError, RetryableExportError
 from processor.sinks.phoenix_links import trace_url, ui_base_url
@@ -206,8 +206,8 @@ class RollupWriter:
             self._client.set_tag(
                 run.run_id,
                 ALERT_TAG_PREFIX + _tag_safe(event.rule),
-                f"{event.state} {verb} {_iso(event.window_start_ms)} "
-                f"(window {_iso(event.window_start_ms)} to {_iso(event.window_end_ms)})",
+                f"{event.state} {verb} {iso_ms(event.window_start_ms)} "
+                f"(window {iso_ms(event.window_start_ms)} to {iso_ms(event.window_end_ms)})",
             )
             run_ids.append(run.run_id)
         return run_ids
@@ -282,8 +282,8 @@ class RollupWriter:
             "window_start_ms": rollup.window_start_ms,
             "window_end_ms": rollup.window_end_ms,
             "window_size_ms": rollup.window_size_ms,
-            "window_start": _iso(rollup.window_start_ms),
-            "window_end": _iso(rollup.window_end_ms),
+            "window_start": iso_ms(rollup.window_start_ms),
+            "window_end": iso_ms(rollup.window_end_ms),
             "step": rollup.step,
             "complete": rollup.complete,
             "metrics": rollup.metrics(),
@@ -311,11 +311,7 @@ class RollupWriter:
         return trace_url(self._phoenix_url, trace_id_hex) if self._phoenix_url else None
 
     def _dimension_items(self, series: SeriesKey) -> list[tuple[str, str]]:
-        names = self._dimension_names
-        return [
-            (names[i] if i < len(names) else f"dimension_{i}", value)
-            for i, value in enumerate(series.dimensions)
-        ]
+        return dimension_items(self._dimension_names, series.dimensions)
 
     def _forget(self) -> None:
         self._runs.clear()
@@ -450,11 +446,6 @@ def run_key(series: SeriesKey, day: str, window_size_ms: int) -> str:
 
 def utc_day(timestamp_ms: int) -> str:
     return datetime.fromtimestamp(timestamp_ms / 1000, tz=UTC).strftime("%Y-%m-%d")
-
-
-def _iso(timestamp_ms: int) -> str:
-    moment = datetime.fromtimestamp(timestamp_ms / 1000, tz=UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _metrics_of(rollup: FinalRollup) -> list[Metric]:

@@ -12,23 +12,18 @@ import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
 from processor.core.alerts import FIRING, AlertEvaluator, AlertEvent, Rule
+from processor.core.rollup import dimension_items, iso_ms
 from processor.sinks.alert_webhook import AlertWebhook
 
 log = logging.getLogger(__name__)
 
 DOCUMENT_VERSION = 1
 SendAlert = Callable[[bytes, bytes], Awaitable[None]]
-
-
-def iso(timestamp_ms: int) -> str:
-    moment = datetime.fromtimestamp(timestamp_ms / 1000, tz=UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def alert_document(
@@ -38,7 +33,6 @@ def alert_document(
     dimension_names: Sequence[str],
     link: Callable[[str], str | None],
 ) -> dict[str, Any]:
-    names = dimension_names
     return {
         "v": DOCUMENT_VERSION,
         "key": event.key().decode(),
@@ -46,18 +40,15 @@ def alert_document(
         "severity": event.severity,
         "state": event.state,
         "agent": event.series.agent,
-        "dimensions": {
-            names[i] if i < len(names) else f"dimension_{i}": value
-            for i, value in enumerate(event.series.dimensions)
-        },
+        "dimensions": dict(dimension_items(dimension_names, event.series.dimensions)),
         "metric": event.metric,
         "op": event.op,
         "value": event.value,
         "threshold": event.threshold,
         "window_start_ms": event.window_start_ms,
         "window_end_ms": event.window_end_ms,
-        "window_start": iso(event.window_start_ms),
-        "window_end": iso(event.window_end_ms),
+        "window_start": iso_ms(event.window_start_ms),
+        "window_end": iso_ms(event.window_end_ms),
         "mlflow_run_id": run_id,
         "exemplars": [{"trace_id": trace, "phoenix_url": link(trace)} for trace in event.trace_ids],
     }
