@@ -16,6 +16,7 @@ from typing import Any
 
 import faust
 import mode
+from faust.exceptions import NotReady
 from faust.types import TP
 
 from processor.clock import wall_clock_ms
@@ -35,6 +36,7 @@ from processor.worker.finalize import FinalizeRole
 from processor.worker.forward import ForwardRole
 from processor.worker.forward_consumer import ForwardConsumer, RefusedBatches
 from processor.worker.observability import ObservabilityService, install_observability
+from processor.worker.offsets import Commit
 from processor.worker.phoenix_delivery import SpanForwarder
 from processor.worker.repartition import Repartitioner
 from processor.worker.summaries import read_summaries
@@ -402,7 +404,7 @@ def _aggregate_agents(
 
     @app.timer(TICK_INTERVAL_S)
     async def aggregate_tick() -> None:
-        for partition, commit in (await aggregate.tick(caught_up)).items():
+        for partition, commit in (await _tick(app, lambda: aggregate.tick(caught_up))).items():
             ledger.release(TP(settings.aggregate_topic, partition), commit.offset, commit.metadata)
 
 
@@ -461,8 +463,27 @@ def _finalize_agents(
     # Separate from aggregate's timer: a slow MLflow must not hold back watermarks.
     @app.timer(TICK_INTERVAL_S)
     async def finalize_tick() -> None:
-        for partition, commit in (await finalize.tick()).items():
+        for partition, commit in (await _tick(app, finalize.tick)).items():
             ledger.release(TP(settings.partials_topic, partition), commit.offset, commit.metadata)
+
+
+async def _tick(
+    app: faust.App, tick: Callable[[], Awaitable[dict[int, Commit]]]
+) -> dict[int, Commit]:
+    """A role's tick, or nothing to commit when the worker stops under it.
+
+    mode stops an app's services (the producer among them) before it cancels its timers, so
+    a tick under way at SIGTERM may find the producer gone. Nothing is committed then: the
+    partitions' next owner redoes the tick from the last commit.
+    """
+    if app.should_stop:
+        return {}
+    try:
+        return await tick()
+    except NotReady:
+        if app.should_stop:
+            return {}
+        raise
 
 
 def run_worker(settings: WorkerSettings) -> None:
