@@ -26,7 +26,7 @@ from processor.loadgen.late_order import LateReorderer
 from processor.loadgen.pacing import realtime_traces
 from processor.loadgen.publisher import PublishStats, publish_traces
 from processor.loadgen.redelivery import Delivery, Redelivery, with_redeliveries
-from processor.loadgen.scenario import Scenario
+from processor.loadgen.scenario import PAYLOADS, Payloads, Scenario
 from processor.loadgen.traces import GeneratedTrace, TraceGenerator
 from processor.loadgen.truth import TruthBuilder
 from processor.settings import load_kafka_client_settings
@@ -90,6 +90,14 @@ from processor.settings import load_kafka_client_settings
     help="Multiply every span duration (0.1: traces 10x shorter in event time).",
 )
 @click.option(
+    "--payloads",
+    type=click.Choice(PAYLOADS),
+    default="small",
+    show_default=True,
+    help="Text on spans: small (a root's question only) or realistic (0.3-4 KB inputs, "
+    "outputs and messages on LLM and agent spans).",
+)
+@click.option(
     "--truth",
     "truth_path",
     type=click.Path(dir_okay=False, writable=True, path_type=Path),
@@ -146,6 +154,7 @@ def loadgen_command(
     seed: int | None,
     service_name: str,
     latency_scale: float,
+    payloads: Payloads,
     truth_path: Path | None,
     window_size_ms: int,
     late_fraction: float,
@@ -164,6 +173,7 @@ def loadgen_command(
             seed=seed,
             service_name=service_name,
             latency_scale=latency_scale,
+            payloads=payloads,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc

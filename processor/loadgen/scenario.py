@@ -8,6 +8,12 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Literal
+
+# How much text spans carry: ``small`` (only a root's short question), or ``realistic``
+# (prompts and completions of 0.3-4 KB on LLM and agent spans, as instrumentations record them).
+Payloads = Literal["small", "realistic"]
+PAYLOADS: tuple[Payloads, ...] = ("small", "realistic")
 
 ORCHESTRATOR = "orchestrator"
 
@@ -132,7 +138,8 @@ class Scenario:
     probability that a single LLM/tool/retriever call fails (0: none fail, 1: all do);
     ``seed`` fixes everything random; ``latency_scale`` multiplies every duration (at 1.0 a
     20-span trace lasts ~15 s and a 100-span trace ~60 s, median; shrink it when the
-    processor's allowed lateness is short).
+    processor's allowed lateness is short); ``payloads`` is how much text spans carry
+    (``realistic``: the inputs, outputs and messages of LLM and agent spans, 0.3-4 KB each).
     """
 
     agents: int = 10
@@ -141,6 +148,7 @@ class Scenario:
     seed: int = 0
     service_name: str = "agent-app"
     latency_scale: float = 1.0
+    payloads: Payloads = "small"
 
     def __post_init__(self) -> None:
         if not 1 <= self.agents <= 1000:
@@ -155,6 +163,10 @@ class Scenario:
             raise ValueError(f"latency_scale must be in (0, 1000], got {self.latency_scale}")
         if not self.service_name:
             raise ValueError("service_name must not be empty")
+        if self.payloads not in PAYLOADS:
+            raise ValueError(
+                f"payloads must be one of {', '.join(PAYLOADS)}, got {self.payloads!r}"
+            )
 
     def specialist_names(self) -> tuple[str, ...]:
         named = SPECIALIST_NAMES[: self.agents]

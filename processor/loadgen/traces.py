@@ -20,6 +20,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import ScopeSpans, Span, Status
 
+from processor.loadgen.payloads import PayloadWriter
 from processor.loadgen.scenario import Scenario, llm_cost_usd, model_price
 from processor.loadgen.trace_shape import Convention, SpanNode, TraceShaper
 
@@ -122,7 +123,9 @@ class TraceGenerator:
         self.start_ms = start_ms
         self.rate = rate
         self._shaper = TraceShaper(scenario)
-        self._encoder = _OtlpEncoder(scenario.service_name)
+        self._encoder = _OtlpEncoder(
+            scenario.service_name, scenario.seed if scenario.payloads == "realistic" else None
+        )
 
     def end_ns_of(self, index: int) -> int:
         """The simulated clock: when trace ``index``'s root span ends."""
@@ -147,8 +150,10 @@ class TraceGenerator:
 class _OtlpEncoder:
     """Turns a shaped trace tree into an OTLP request. Ids come from the trace's RNG."""
 
-    def __init__(self, service_name: str) -> None:
+    def __init__(self, service_name: str, payload_seed: int | None) -> None:
+        """``payload_seed``: the scenario's seed when spans carry realistic payloads."""
         self._service_name = service_name
+        self._payload_seed = payload_seed
         self._constant_attribute_cache: dict[
             tuple[str, str | None, str | None, str | None, Convention], tuple[KeyValue, ...]
         ] = {}
@@ -160,6 +165,7 @@ class _OtlpEncoder:
         span_id_of = dict(zip(nodes, span_ids, strict=True))
         session_id = f"session-{rng.getrandbits(48):012x}"
         question = rng.choice(_QUESTIONS)
+        payloads = None if self._payload_seed is None else PayloadWriter(self._payload_seed, index)
 
         request = ExportTraceServiceRequest()
         resource_spans = request.resource_spans.add()
@@ -197,6 +203,15 @@ class _OtlpEncoder:
                 attributes.add(key="session.id").value.string_value = session_id
                 attributes.add(key="input.value").value.string_value = question
             _add_usage(attributes, node)
+            if payloads is not None:
+                ok = node.error_message is None
+                if node.kind == "LLM":
+                    payloads.add_llm(attributes, genai=node.convention == "genai", ok=ok)
+                elif node is root:  # its input is the question
+                    if ok:
+                        attributes.add(key="output.value").value.string_value = payloads.text()
+                elif node.kind == "AGENT":
+                    payloads.add_agent(attributes, ok=ok)
             if node.error_message is None:
                 span.status.code = Status.STATUS_CODE_OK
                 continue

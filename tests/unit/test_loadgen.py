@@ -293,6 +293,41 @@ def test_the_mean_trace_size_is_what_was_asked() -> None:
         assert abs(mean - asked) < 0.08 * asked
 
 
+# Where realistic payloads put text: the values an instrumentation records, 0.3-4 KB each.
+_PAYLOAD_PREFIXES = ("input.", "output.", "llm.input_messages.", "llm.output_messages.")
+_GENAI_MESSAGES = ("gen_ai.input.messages", "gen_ai.output.messages")
+
+
+def test_realistic_payloads_add_kilobytes_of_text_to_llm_and_agent_spans_and_nothing_else() -> None:
+    small = generate(60, trace_size=100, seed=8)
+    realistic = generate(60, trace_size=100, seed=8, payloads="realistic")
+    sizes: list[int] = []
+    for plain, heavy in zip(small, realistic, strict=True):
+        assert heavy.trace_id == plain.trace_id and heavy.span_ids == plain.span_ids
+        for plain_span, span in zip(decoded_spans(plain), decoded_spans(heavy), strict=True):
+            before, values = attributes(plain_span), attributes(span)
+            # Kinds, models, usage, cost and the root's question stay as they were.
+            assert {key: values[key] for key in before} == before
+            added = values.keys() - before.keys()
+            assert all(key.startswith(_PAYLOAD_PREFIXES) or key in _GENAI_MESSAGES for key in added)
+            assert span.status == plain_span.status
+            ok = span.status.code != Status.STATUS_CODE_ERROR
+            kind = kind_of(values)
+            if kind == "LLM":
+                outputs = {"output.value", "gen_ai.output.messages"} & added
+                assert added and bool(outputs) is ok, "a prompt, and a completion if it returned"
+            elif kind == "AGENT":
+                assert ("output.value" in added) is ok
+            else:
+                assert not added
+            sizes += [len(values[key].encode()) for key in {"input.value", "output.value"} & added]
+    assert min(sizes) >= 300 and max(sizes) <= 4096
+    assert 900 < sorted(sizes)[len(sizes) // 2] < 1500  # log-uniform: median ~1.1 KB
+    published = sum(len(trace.payload) for trace in realistic)
+    assert published > 8 * sum(len(trace.payload) for trace in small)
+    assert Truth.from_traces(realistic).to_json() == Truth.from_traces(small).to_json()
+
+
 @pytest.mark.parametrize(
     ("error_rate", "expect_errors"),
     [(0.0, False), (0.05, True), (1.0, True)],
@@ -326,6 +361,7 @@ def test_error_rate_controls_failures(error_rate: float, expect_errors: bool) ->
         {"seed": -1},
         {"service_name": ""},
         {"latency_scale": 0.0},
+        {"payloads": "huge"},
     ],
 )
 def test_scenario_rejects_nonsense(bad: dict[str, Any]) -> None:
