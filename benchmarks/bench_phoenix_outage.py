@@ -336,12 +336,8 @@ def main() -> None:
         if loadgen.returncode != 0:
             raise SystemExit(f"loadgen failed ({loadgen.returncode}); see {run_dir}/loadgen.log")
         truth = Truth.load(truth_path)
-        traffic_from_ms = int(traffic_from * 1000)
-        wanted = {
-            (r["agent"], r["window_start_ms"])
-            for r in truth.rollups
-            if r["window_start_ms"] + WINDOW_MS > traffic_from_ms
-        }
+        before_traffic = _ended_before(truth, int(traffic_from * 1000))
+        wanted = {(r["agent"], r["window_start_ms"]) for r in truth.rollups} - before_traffic
 
         _wait_for(
             lambda: wanted <= set(_written_windows(aggregating)) or None,
@@ -371,7 +367,7 @@ def main() -> None:
         )
         _print_windows(aggregating, truth, outage, traffic_until, args.lateness_ms, floors)
         _print_spans(endpoints, env, name, outage, monitor, caught_up, workers)
-        _print_mlflow(endpoints.mlflow_url, name, truth, traffic_from_ms)
+        _print_mlflow(endpoints.mlflow_url, name, truth, before_traffic)
     finally:
         monitor.stop()
         if loadgen is not None and loadgen.poll() is None:
@@ -783,20 +779,24 @@ def _print_spans(
     console.print(table)
 
 
-def _print_mlflow(mlflow_url: str, experiment: str, truth: Truth, traffic_from_ms: int) -> None:
-    found = _mlflow_rollups(mlflow_url, experiment)
-    # Windows that ended before the first trace was published hold only children the first
-    # traces date back: they reach partitions whose watermark followed the clock while idle,
-    # so they are late on arrival and count in the head window's late_spans.
-    before_traffic = {
-        (r["agent"], r["window_start_ms"] // WINDOW_MS)
+def _ended_before(truth: Truth, at_ms: int) -> set[tuple[str, int]]:
+    """(agent, window start) of the truth's windows that ended by ``at_ms``: before the
+    traffic started, they hold only late spans (see the module docstring)."""
+    return {
+        (r["agent"], r["window_start_ms"])
         for r in truth.rollups
-        if r["window_start_ms"] + WINDOW_MS <= traffic_from_ms
+        if r["window_start_ms"] + WINDOW_MS <= at_ms
     }
+
+
+def _print_mlflow(
+    mlflow_url: str, experiment: str, truth: Truth, before_traffic: set[tuple[str, int]]
+) -> None:
+    found = _mlflow_rollups(mlflow_url, experiment)
     expected: dict[tuple[str, int], dict[str, Any]] = {
         (r["agent"], r["window_start_ms"] // WINDOW_MS): dict(r)
         for r in truth.rollups
-        if (r["agent"], r["window_start_ms"] // WINDOW_MS) not in before_traffic
+        if (r["agent"], r["window_start_ms"]) not in before_traffic
     }
     equal = sum(
         1
