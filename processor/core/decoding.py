@@ -80,7 +80,7 @@ def decode_spans(
     slim = _parse_protobuf(payload, SlimRequest)
     if not slim.resource_spans:
         raise DecodeError("not_otlp_traces", "no resourceSpans in a non-empty message")
-    source = MessageSource(None, payload, partial(_spans_of_payload, content_type))
+    source = MessageSource(None, payload, partial(_spans_of_payload, content_type), wire=True)
     return _extract(slim, config, source, payload_size=len(payload))
 
 

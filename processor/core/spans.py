@@ -14,6 +14,8 @@ from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
+from processor.core.otlp_wire import RequestIndex, index_request
+
 NANOS_PER_MILLI = 1_000_000
 COST_NANOS_PER_USD = 1_000_000_000
 
@@ -40,21 +42,27 @@ class MessageSource:
     ~3.5 KiB per span), where its share of the payload is what it took on the wire.
     """
 
-    __slots__ = ("_parse", "_payload", "_spans")
+    __slots__ = ("_index", "_parse", "_payload", "_spans", "_wire")
 
     def __init__(
         self,
         spans: list[Span] | None,
         payload: bytes | None = None,
         parse: Callable[[bytes], list[Span]] | None = None,
+        *,
+        wire: bool = False,
     ) -> None:
-        """``spans`` parsed already (held), or None to parse ``payload`` when asked."""
+        """``spans`` parsed already (held), or None to parse ``payload`` when asked.
+        ``wire``: ``payload`` is the request in protobuf, whose spans ``wire_index`` finds
+        as bytes."""
         if spans is None and (payload is None or parse is None):
             raise ValueError("a source needs its spans, or a payload and a way to parse it")
         self._spans: list[Span] | None = spans
         # Without a payload and a way to parse it the spans are held for good.
         self._payload = payload if parse is not None else None
         self._parse = parse
+        self._wire = wire and self._payload is not None
+        self._index: RequestIndex | None = None
 
     def span_at(self, position: int) -> Span:
         """The span at ``position`` (the request's order); parsed anew, and not held, once
@@ -68,9 +76,20 @@ class MessageSource:
         if self._spans is None:
             self._spans = self._parsed()
 
+    def wire_index(self) -> RequestIndex | None:
+        """Where the spans are in the payload; None when it is not protobuf. Kept until
+        ``release``, like the parsed spans."""
+        if not self._wire:
+            return None
+        if self._index is None:
+            assert self._payload is not None
+            self._index = index_request(self._payload)
+        return self._index
+
     def release(self) -> None:
         if self._payload is not None:
             self._spans = None
+        self._index = None
 
     def _parsed(self) -> list[Span]:
         assert self._payload is not None and self._parse is not None  # else never released

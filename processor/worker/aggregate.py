@@ -22,12 +22,12 @@ from processor.core.decoding import decode_spans
 from processor.core.partition import AdvanceResult, Checkpoint, PartitionAggregator
 from processor.core.repartition import SOURCE_HEADER, SourceMarks, parse_source_tag
 from processor.core.rollup import PartialRollup, PartitionProgress
-from processor.core.sampling import SampledSpan, SamplingPolicy, TraceSampler, mark_forwarded
+from processor.core.sampling import SampledSpan, SamplingPolicy, TraceSampler
 from processor.core.semconv import ExtractionConfig
-from processor.core.spans import DecodedMessage, MessageSource, RejectedSpan
+from processor.core.spans import DecodedMessage, RejectedSpan
 from processor.errors import InvalidInput
 from processor.sinks.otlp_batch import build_request
-from processor.worker.kept_spans import MAX_RECORD_BYTES, KeptSpan, kept_span_records
+from processor.worker.kept_spans import MAX_RECORD_BYTES, kept_span_records, kept_spans_of
 from processor.worker.offsets import Commit, PartitionOffsets
 
 log = logging.getLogger(__name__)
@@ -296,21 +296,8 @@ class AggregateRole:
 
     async def _write_kept(self, kept: list[SampledSpan]) -> None:
         assert self._send_kept is not None
-        spans: list[KeptSpan] = []
-        held: dict[int, MessageSource] = {}
-        for item in kept:
-            source = item.source
-            if id(source) not in held:
-                source.hold()  # one parse per message, not one per span
-                held[id(source)] = source
-            pb = item.pb
-            if item.reason is not None:  # a sampler decided: say why on the span
-                mark_forwarded(pb, item)
-            spans.append(KeptSpan(item.trace_id, item.origin, pb))
+        spans = kept_spans_of(kept)
         records = kept_span_records(spans, max_record_bytes=self._max_kept_record_bytes)
-        # Encoded: the records hold their own bytes, and a source may be released.
-        for source in held.values():
-            source.release()
         self.counters.kept_spans += len(spans)
         self.counters.kept_records += len(records)
         for key, value in records:

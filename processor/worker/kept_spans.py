@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -21,25 +22,80 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from processor.core.decoding import resource_values
-from processor.core.spans import SpanOrigin
+from processor.core.otlp_wire import (
+    Origin,
+    RequestIndex,
+    WireError,
+    encode_request,
+    origin_of,
+    origin_size,
+    span_marks,
+)
+from processor.core.sampling import SampledSpan, mark_forwarded
+from processor.core.sampling.sampled_span import SAMPLING_REASON_ATTRIBUTE
+from processor.core.sampling.tracestate import with_threshold
+from processor.core.spans import MessageSource, SpanOrigin
 from processor.errors import InvalidInput
-from processor.sinks.otlp_batch import build_request
 
 # The broker's default message.max.bytes is 1 MiB; leave room for the record's own framing.
 MAX_RECORD_BYTES = 900_000
 _SPAN_FRAMING_BYTES = 8  # a span's tag and length prefixes inside its ScopeSpans
-_ORIGIN_FRAMING_BYTES = 32  # a ResourceSpans + ScopeSpans around the first span of an origin
 
 SpanItem = tuple[SpanOrigin, Span]
 
 
 @dataclass(frozen=True, slots=True)
 class KeptSpan:
-    """A kept span on its way to the sampled topic: its trace, origin and (marked) protobuf."""
+    """A kept span on its way to the sampled topic: its trace, origin and marked bytes."""
 
     trace_id: bytes
-    origin: SpanOrigin
-    span: Span
+    origin: Origin
+    span: bytes
+
+
+def kept_spans_of(items: Iterable[SampledSpan]) -> list[KeptSpan]:
+    """Kept spans as they arrived, with their sampling marks (``mark_forwarded``'s).
+
+    A span of a protobuf message is taken from the message's bytes and marked there; one that
+    has a ``sampling.reason`` already, or that came as JSON, is parsed and marked by the OTLP
+    classes. The sources this parses are released again."""
+    kept: list[KeptSpan] = []
+    indexes: dict[int, RequestIndex | None] = {}
+    held: dict[int, MessageSource] = {}
+    origins: dict[int, Origin] = {}
+    for item in items:
+        source = item.source
+        key = id(source)
+        if key in indexes:
+            index = indexes[key]
+        else:
+            try:
+                index = indexes[key] = source.wire_index()
+            except WireError:
+                index = indexes[key] = None
+        if index is not None:
+            span = index.span_bytes(item.position)
+            if _REASON_KEY not in span:
+                if item.reason is not None:
+                    span += _marks(item.reason, item.tracestate, item.threshold)
+                kept.append(KeptSpan(item.trace_id, index.origin(item.position), span))
+                continue
+        if key not in held:
+            source.hold()  # one parse per message, not one per span
+            held[key] = source
+        pb = item.pb
+        if item.reason is not None:
+            mark_forwarded(pb, item)
+        if index is not None:
+            origin = index.origin(item.position)
+        else:
+            origin = origins.get(id(item.origin)) or origins.setdefault(
+                id(item.origin), wire_origin(item.origin)
+            )
+        kept.append(KeptSpan(item.trace_id, origin, pb.SerializeToString()))
+    for source in held.values():
+        source.release()
+    return kept
 
 
 def kept_span_records(
@@ -52,22 +108,42 @@ def kept_span_records(
         by_trace.setdefault(kept.trace_id, []).append(kept)
     records: list[tuple[bytes, bytes]] = []
     for trace_id, kept_spans in by_trace.items():
-        chunk: list[SpanItem] = []
+        chunk: list[tuple[Origin, bytes]] = []
         origins: set[int] = set()
         size = 0
         for kept in kept_spans:
-            added = kept.span.ByteSize() + _SPAN_FRAMING_BYTES
+            added = len(kept.span) + _SPAN_FRAMING_BYTES
             if id(kept.origin) not in origins:
-                added += _origin_bytes(kept.origin)
+                added += origin_size(kept.origin)
             if chunk and size + added > max_record_bytes:
-                records.append((trace_id, build_request(chunk).SerializeToString()))
+                records.append((trace_id, encode_request(chunk)))
                 chunk, origins, size = [], set(), 0
-                added = kept.span.ByteSize() + _SPAN_FRAMING_BYTES + _origin_bytes(kept.origin)
+                added = len(kept.span) + _SPAN_FRAMING_BYTES + origin_size(kept.origin)
             chunk.append((kept.origin, kept.span))
             origins.add(id(kept.origin))
             size += added
-        records.append((trace_id, build_request(chunk).SerializeToString()))
+        records.append((trace_id, encode_request(chunk)))
     return records
+
+
+def wire_origin(origin: SpanOrigin) -> Origin:
+    """The origin of spans parsed by the OTLP classes, as ``kept_span_records`` takes it."""
+    return origin_of(
+        origin.resource.SerializeToString(),
+        origin.resource_schema_url,
+        origin.scope.SerializeToString(),
+        origin.scope_schema_url,
+    )
+
+
+_REASON_KEY = SAMPLING_REASON_ATTRIBUTE.encode()
+
+
+@lru_cache(maxsize=4_096)  # most spans share a reason, a threshold and an empty tracestate
+def _marks(reason: str, tracestate: str, threshold: int | None) -> bytes:
+    """``mark_forwarded``'s marks, as bytes to append to the span's."""
+    marked = with_threshold(tracestate, threshold)
+    return span_marks(reason, marked if marked != tracestate else None)
 
 
 def spans_of_record(value: bytes) -> list[SpanItem]:
@@ -99,13 +175,3 @@ def spans_of_record(value: bytes) -> list[SpanItem]:
             )
             items.extend((origin, span) for span in scope_spans.spans)
     return items
-
-
-def _origin_bytes(origin: SpanOrigin) -> int:
-    return (
-        origin.resource.ByteSize()
-        + origin.scope.ByteSize()
-        + len(origin.resource_schema_url)
-        + len(origin.scope_schema_url)
-        + _ORIGIN_FRAMING_BYTES
-    )

@@ -214,6 +214,7 @@ _SAMPLER_COUNTERS = (
     _DROPPED_BUDGET,
     "decided_early",
     "decided_at_once",
+    "decided_on_error",
 )
 
 
@@ -398,6 +399,11 @@ class RoleCollector(Collector):
             "sampling_decided_at_once_traces",
             "Traces decided on their first span: only the probability could keep them.",
             {p: counts["decided_at_once"] for p, counts in sampled.items()},
+        )
+        yield _per_partition(
+            "sampling_decided_on_error_traces",
+            "Traces kept on their first error span: no later span could change the answer.",
+            {p: counts["decided_on_error"] for p, counts in sampled.items()},
         )
 
     def _buffer_metrics(self, aggregate: AggregateView) -> Iterator[Metric]:
@@ -687,6 +693,7 @@ METRIC_NAMES = tuple(
         "sampling_spans_total",
         "sampling_decided_early_traces_total",
         "sampling_decided_at_once_traces_total",
+        "sampling_decided_on_error_traces_total",
         "trace_buffer_traces",
         "trace_buffer_waiting_spans",
         "open_windows",

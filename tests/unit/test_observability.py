@@ -437,7 +437,8 @@ def test_sampling_decisions_are_counted_by_policy_and_early_ones_by_partition() 
         assert value(samples, "sampling_spans_total", decision="kept", policy="error") == 2
         assert value(samples, "sampling_spans_total", decision="dropped", policy="not_sampled") == 6
         assert value(samples, "sampling_spans_total", decision="kept", policy="probabilistic") == 0
-        assert value(samples, "sampling_decided_early_traces_total", partition="0") == 2
+        assert value(samples, "sampling_decided_early_traces_total", partition="0") == 1
+        assert value(samples, "sampling_decided_on_error_traces_total", partition="0") == 1
         assert value(samples, "kept_spans_written_total") == 2, "only the failed trace is kept"
         assert [key for key, _ in p.kept] == [(1).to_bytes(16, "big")]
 

@@ -47,7 +47,12 @@ from processor.sinks.phoenix import PhoenixExporter, RetryPolicy
 from processor.worker.aggregate import AggregateRole, DeadLetter
 from processor.worker.finalize import FinalizeRole, finalized_until
 from processor.worker.forward import ForwardRole
-from processor.worker.kept_spans import KeptSpan, kept_span_records, spans_of_record
+from processor.worker.kept_spans import (
+    KeptSpan,
+    kept_span_records,
+    spans_of_record,
+    wire_origin,
+)
 from processor.worker.offsets import Commit, PartitionOffsets
 from processor.worker.phoenix_delivery import ForwardedBatch, SpanForwarder
 from tests.unit.core.spanbuilder import T0_MS, attributes, payload_of, sid, span_pb, tid
@@ -337,12 +342,9 @@ class SampledRecord:
 
 
 def sampled_record(spans: int = 1, *, trace: int = 7) -> SampledRecord:
-    kept = [
-        KeptSpan(tid(trace), ORIGIN_A, span_pb(trace=trace, span=next(_span_ids)))
-        for _ in range(spans)
-    ]
-    ((_, value),) = kept_span_records(kept)
-    return SampledRecord(value, [k.span.span_id for k in kept])
+    pbs = [span_pb(trace=trace, span=next(_span_ids)) for _ in range(spans)]
+    ((_, value),) = kept_span_records([kept_span(tid(trace), ORIGIN_A, pb) for pb in pbs])
+    return SampledRecord(value, [pb.span_id for pb in pbs])
 
 
 async def finish(role: ForwardRole) -> None:
@@ -957,10 +959,11 @@ def test_a_tick_while_a_dead_letter_is_being_sent_does_not_commit_past_its_messa
 def test_a_tick_while_kept_spans_are_being_sent_does_not_commit_past_their_messages() -> None:
     async def scenario() -> int:
         outbox, clock = Outbox(), Clock(T0_MS + 2_000)
-        role = aggregate_role(outbox, clock, sampling=SamplingPolicy(probability=0.0))
+        slow = SamplingPolicy(probability=0.0, keep_errors=False, latency_threshold_ms=1)
+        role = aggregate_role(outbox, clock, sampling=slow)
         role.assign(0, None)
-        # A failed trace waits for its decision (root end plus the grace) ...
-        await role.handle(0, 0, None, message(*agent_trace(1, T0_MS + 1_000, error=True)), {})
+        # A slow trace waits for its decision (root end plus the grace) ...
+        await role.handle(0, 0, None, message(*agent_trace(1, T0_MS + 1_000)), {})
         assert (await role.tick(never_caught_up))[0].offset == 0
         # ... which falls when a span two windows later moves the watermark: its spans are
         # taken to be sent while offset 1 is handled, and that send waits.
@@ -1231,30 +1234,36 @@ ORIGIN_A = _origin(
     "https://opentelemetry.io/schemas/1.26.0",
 )
 ORIGIN_B = _origin({"service.name": "search"}, "openai")
+_WIRE_ORIGINS = {id(origin): wire_origin(origin) for origin in (ORIGIN_A, ORIGIN_B)}
+
+
+def kept_span(trace_id: bytes, origin: SpanOrigin, pb: Span) -> KeptSpan:
+    """A kept span as aggregate hands it over: spans of one origin share its wire origin."""
+    return KeptSpan(trace_id, _WIRE_ORIGINS[id(origin)], pb.SerializeToString())
 
 
 def test_kept_spans_round_trip_with_their_origin_and_project() -> None:
-    spans = [
-        KeptSpan(tid(1), ORIGIN_A, span_pb(trace=1, span=1, attrs={"llm.model_name": "m"})),
-        KeptSpan(tid(2), ORIGIN_B, span_pb(trace=2, span=1)),
-        KeptSpan(tid(1), ORIGIN_B, span_pb(trace=1, span=2, parent=1)),
-        KeptSpan(tid(1), ORIGIN_A, span_pb(trace=1, span=3, parent=1)),
+    sent = [
+        (tid(1), ORIGIN_A, span_pb(trace=1, span=1, attrs={"llm.model_name": "m"})),
+        (tid(2), ORIGIN_B, span_pb(trace=2, span=1)),
+        (tid(1), ORIGIN_B, span_pb(trace=1, span=2, parent=1)),
+        (tid(1), ORIGIN_A, span_pb(trace=1, span=3, parent=1)),
     ]
-    records = kept_span_records(spans)
+    records = kept_span_records([kept_span(*item) for item in sent])
     assert [key for key, _ in records] == [tid(1), tid(2)], "one record per trace"
     for key, value in records:
         items = spans_of_record(value)
-        expected = [kept for kept in spans if kept.trace_id == key]
-        assert sorted(span.span_id for _, span in items) == sorted(k.span.span_id for k in expected)
-        by_id = {kept.span.span_id: kept for kept in expected}
+        expected = [(origin, pb) for trace_id, origin, pb in sent if trace_id == key]
+        assert sorted(span.span_id for _, span in items) == sorted(pb.span_id for _, pb in expected)
+        by_id = {pb.span_id: (origin, pb) for origin, pb in expected}
         for origin, span in items:
-            sent = by_id[span.span_id]
-            assert span == sent.span
-            assert origin.resource == sent.origin.resource
-            assert origin.scope == sent.origin.scope
-            assert origin.resource_schema_url == sent.origin.resource_schema_url
-            assert origin.scope_schema_url == sent.origin.scope_schema_url
-            assert origin.project == sent.origin.project
+            sent_origin, sent_pb = by_id[span.span_id]
+            assert span == sent_pb
+            assert origin.resource == sent_origin.resource
+            assert origin.scope == sent_origin.scope
+            assert origin.resource_schema_url == sent_origin.resource_schema_url
+            assert origin.scope_schema_url == sent_origin.scope_schema_url
+            assert origin.project == sent_origin.project
     [(_, first)] = [r for r in records if r[0] == tid(1)]
     assert {o.project for o, _ in spans_of_record(first)} == {"shop-agents", None}
 
@@ -1272,10 +1281,12 @@ def test_records_are_split_under_the_size_limit_and_lose_no_span(
     traces: list[list[tuple[int, bool]]], max_record_bytes: int
 ) -> None:
     spans: list[KeptSpan] = []
+    want: dict[bytes, list[bytes]] = {}
     for trace, sizes in enumerate(traces, start=1):
         for number, (padding, other_origin) in enumerate(sizes, start=1):
             pb = span_pb(trace=trace, span=number, attrs={"input.value": "x" * padding})
-            spans.append(KeptSpan(tid(trace), ORIGIN_B if other_origin else ORIGIN_A, pb))
+            spans.append(kept_span(tid(trace), ORIGIN_B if other_origin else ORIGIN_A, pb))
+            want.setdefault(tid(trace), []).append(pb.span_id)
     records = kept_span_records(spans, max_record_bytes=max_record_bytes)
     got: dict[bytes, list[bytes]] = {}
     for key, value in records:
@@ -1284,15 +1295,12 @@ def test_records_are_split_under_the_size_limit_and_lose_no_span(
         assert len(value) <= max_record_bytes or len(items) == 1, (len(value), len(items))
         assert {span.trace_id for _, span in items} == {key}
         got.setdefault(key, []).extend(span.span_id for _, span in items)
-    want: dict[bytes, list[bytes]] = {}
-    for kept in spans:
-        want.setdefault(kept.trace_id, []).append(kept.span.span_id)
     assert {k: sorted(v) for k, v in got.items()} == {k: sorted(v) for k, v in want.items()}
 
 
 def test_a_trace_too_big_for_one_record_is_split() -> None:
     spans = [
-        KeptSpan(tid(1), ORIGIN_A, span_pb(trace=1, span=n, attrs={"input.value": "x" * 500}))
+        kept_span(tid(1), ORIGIN_A, span_pb(trace=1, span=n, attrs={"input.value": "x" * 500}))
         for n in range(1, 11)
     ]
     records = kept_span_records(spans, max_record_bytes=2_000)

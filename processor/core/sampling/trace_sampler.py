@@ -21,6 +21,10 @@ trace at once and remembers the decision, so that every span of a trace gets the
   checkpoint then forgets it where the first run did.
 - **Bounded**: past ``max_buffered_traces`` or ``max_buffered_spans`` the oldest trace (first
   seen) is decided at once on the spans it has, and counted in ``decided_early``.
+- **Errors decide at once**: with ``keep_errors`` and no budget, a trace is kept on its first
+  error span (no later span can change that answer, error being the first reason), with the
+  spans buffered so far; its later spans follow the decision as they come, and nothing of it
+  waits. Counted in ``decided_on_error``.
 - **Nothing to wait for**: when only the probability can keep a trace
   (``SamplingPolicy.probability_only``), a trace is decided on its first span (its randomness
   cannot rise with more spans); its other spans follow the cached decision. Nothing is
@@ -86,6 +90,7 @@ class SamplingStats:
     traces_kept: int = 0
     decided_early: int = 0  # pushed out by the buffer bounds, decided on what was there
     decided_at_once: int = 0  # on their first span: only the probability could keep them
+    decided_on_error: int = 0  # on their first error span, kept: nothing could change that
     cache_evictions: int = 0
     decisions_expired: int = 0  # forgotten past the decision TTL (event time)
     buffered_spans: int = 0
@@ -102,7 +107,7 @@ class _Decision:
     reason: str | None  # when kept
     drop_reason: str | None  # when dropped
     threshold: int  # this stage's threshold: ours if probabilistic, else always-sample
-    at_once: bool = False  # taken on the trace's first span: its later spans are not late
+    at_once: bool = False  # taken before the trace was over: its later spans are not late
     # With a budget: the slot a kept trace's spans are charged to, and where a replay must
     # start to take this decision again (see SampledSpan.replay_from).
     budget_slot: int | None = None
@@ -153,6 +158,9 @@ class TraceSampler:
         budget = policy.budget_spans_per_second
         self._budget = SpanBudget(budget) if budget is not None else None
         self._at_once = policy.probability_only
+        # An error keeps the trace whatever else comes; with a budget the moment of the
+        # decision would change which second it charges, so it waits as any other.
+        self._on_error = policy.keep_errors and budget is None
         self._traces: dict[bytes, _Trace] = {}  # insertion order = first seen
         self._due: list[tuple[int, int, bytes]] = []  # (due ms, sequence, trace id)
         # The earliest buffered end and the smallest buffered offset: asked after every
@@ -230,6 +238,9 @@ class TraceSampler:
                 return out
             trace = self._start(span, offset)
         self._buffer(trace, span, item)
+        if trace.has_error and self._on_error:
+            self._decide(trace_id, out, early=False, on_error=True)
+            return out
         if budget is not None:
             if first < trace.first_offset:
                 trace.first_offset = first
@@ -430,7 +441,9 @@ class TraceSampler:
             self._decided_end[trace_id] = end_ms
             self._decided_by_end.push(end_ms, trace_id)
 
-    def _decide(self, trace_id: bytes, out: list[SampledSpan], *, early: bool) -> None:
+    def _decide(
+        self, trace_id: bytes, out: list[SampledSpan], *, early: bool, on_error: bool = False
+    ) -> None:
         trace = self._traces.pop(trace_id)
         stats = self.stats
         stats.buffered_traces = len(self._traces)
@@ -438,6 +451,8 @@ class TraceSampler:
         stats.traces_decided += 1
         if early:
             stats.decided_early += 1
+        if on_error:
+            stats.decided_on_error += 1
         reason = self._reason(trace)
         drop_reason = None if reason is not None else DROP_NOT_SAMPLED
         threshold = (
@@ -445,7 +460,8 @@ class TraceSampler:
         )
         budget = self._budget
         if budget is None:
-            decision = _Decision(reason is not None, reason, drop_reason, threshold)
+            # Decided on an error, the trace's later spans follow the decision without being late.
+            decision = _Decision(reason is not None, reason, drop_reason, threshold, on_error)
         else:
             slot = budget.slot_of(trace.counted_ms)
             # A rule's answer, or no, depends on the trace alone: a replay from its first

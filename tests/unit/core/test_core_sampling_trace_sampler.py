@@ -564,10 +564,47 @@ def test_past_the_span_limit_even_the_spans_own_trace_is_decided_early() -> None
 
 
 def test_early_decisions_use_the_same_policies() -> None:
-    sampler = TraceSampler(policy(max_buffered_traces=1))
-    sampler.add(make(trace=trace_id(1), error=True), "a", 0)
+    sampler = TraceSampler(policy(max_buffered_traces=1, latency_threshold_ms=50))
+    sampler.add(make(trace=trace_id(1), duration_ms=100), "a", 0)
     [item] = sampler.add(make(trace=trace_id(2)), "a", 1)
-    assert (item.keep, item.reason) == (True, "error")
+    assert (item.keep, item.reason) == (True, "latency")
+
+
+def test_a_trace_is_kept_on_its_first_error_span_and_its_later_spans_follow_at_once() -> None:
+    sampler = TraceSampler(policy(latency_threshold_ms=50))
+    root = make(trace=trace_id(1), span=1, end_ms=T0_MS + 900)
+    child = make(trace=trace_id(1), span=2, parent=1, end_ms=T0_MS + 200)
+    failed = make(trace=trace_id(1), span=3, parent=1, end_ms=T0_MS + 300, error=True)
+    other = make(trace=trace_id(2), span=1, end_ms=T0_MS + 100)
+    assert sampler.add(child, "a", 0) == []
+    assert sampler.add(other, "a", 1) == []
+    decided = sampler.add(failed, "a", 2)
+    assert [(ids(item), item.keep, item.reason) for item in decided] == [
+        (ids(child), True, "error"),
+        (ids(failed), True, "error"),
+    ], "the spans buffered so far, with the error's reason"
+    [later] = sampler.add(root, "a", 3)
+    assert (ids(later), later.keep, later.reason) == (ids(root), True, "error")
+    stats = sampler.stats
+    assert (stats.decided_on_error, stats.spans_after_decision) == (1, 0)
+    # only the trace without an error still waits, and holds windows and commits back
+    assert sampler.pending_offset() == 1
+    assert sampler.earliest_buffered_end_ms() == T0_MS + 100
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"budget_spans_per_second": 10.0}, {"keep_errors": False}],
+    ids=["with-a-budget", "errors-not-kept"],
+)
+def test_an_error_decides_nothing_at_once_with_a_budget_or_when_errors_are_not_kept(
+    overrides: dict[str, Any],
+) -> None:
+    sampler = TraceSampler(policy(latency_threshold_ms=5_000, **overrides))  # traces wait
+    assert sampler.add(make(trace=trace_id(1), error=True), "a", 0) == []
+    assert sampler.stats.decided_on_error == 0
+    [decided] = sampler.advance(FAR_FUTURE_MS)
+    assert decided.keep is overrides.get("keep_errors", True)
 
 
 def test_pending_offset_is_the_smallest_offset_still_buffered() -> None:
@@ -950,7 +987,6 @@ def test_drop_now_leaves_undecided_traces_to_add_and_drops_late_spans_of_dropped
     assert (sampler.stats.spans_after_decision, sampler.stats.spans_dropped) == (1, 2)
     error = make(trace=trace_id(2, UNLUCKY), span=1, error=True)
     assert sampler.drop_now(error) is False
-    assert sampler.add(error, "a", 1) == []
-    [kept] = sampler.advance(FAR_FUTURE_MS)
+    [kept] = sampler.add(error, "a", 1)  # kept on its error
     assert (kept.keep, kept.reason) == (True, "error")
     assert sampler.drop_now(make(trace=trace_id(2, UNLUCKY), span=2, parent=1)) is False
