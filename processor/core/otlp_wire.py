@@ -71,25 +71,26 @@ def index_request(payload: bytes) -> RequestIndex:
     for number, start, end, _ in _fields(data, 0, len(payload)):
         if number != _REQUEST_RESOURCE_SPANS or start < 0:
             continue  # unknown request fields belong to no span
-        resource_head: list[bytes] = []
-        scopes: list[tuple[int, int]] = []
-        for field, field_start, field_end, raw_start in _fields(data, start, end):
-            if field == _RESOURCE_SPANS_SCOPE_SPANS and field_start >= 0:
-                scopes.append((field_start, field_end))
-            else:
-                resource_head.append(payload[raw_start:field_end])
-        resource = b"".join(resource_head)
+        resource, scopes = _split(payload, data, start, end, _RESOURCE_SPANS_SCOPE_SPANS)
         for scope_start, scope_end in scopes:
-            scope_head: list[bytes] = []
-            ranges: list[tuple[int, int]] = []
-            for field, field_start, field_end, raw_start in _fields(data, scope_start, scope_end):
-                if field == _SCOPE_SPANS_SPANS and field_start >= 0:
-                    ranges.append((field_start, field_end))
-                else:
-                    scope_head.append(payload[raw_start:field_end])
-            origin = Origin(resource, b"".join(scope_head))
+            scope, ranges = _split(payload, data, scope_start, scope_end, _SCOPE_SPANS_SPANS)
+            origin = Origin(resource, scope)
             spans.extend((origin, span_start, span_end) for span_start, span_end in ranges)
     return RequestIndex(payload, spans)
+
+
+def _split(
+    payload: bytes, data: memoryview, start: int, end: int, inner: int
+) -> tuple[bytes, list[tuple[int, int]]]:
+    """A message's fields but ``inner`` (as bytes), and where each ``inner`` value is."""
+    head: list[bytes] = []
+    ranges: list[tuple[int, int]] = []
+    for field, field_start, field_end, raw_start in _fields(data, start, end):
+        if field == inner and field_start >= 0:
+            ranges.append((field_start, field_end))
+        else:
+            head.append(payload[raw_start:field_end])
+    return b"".join(head), ranges
 
 
 def span_marks(reason: str, tracestate: str | None) -> bytes:
