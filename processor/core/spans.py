@@ -14,7 +14,7 @@ from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from processor.core.otlp_wire import RequestIndex, index_request
+from processor.core.otlp_wire import RequestIndex, WireError, index_request
 
 NANOS_PER_MILLI = 1_000_000
 COST_NANOS_PER_USD = 1_000_000_000
@@ -77,13 +77,18 @@ class MessageSource:
             self._spans = self._parsed()
 
     def wire_index(self) -> RequestIndex | None:
-        """Where the spans are in the payload; None when it is not protobuf. Kept until
+        """Where the spans are in the payload; None when it is not protobuf, or uses what
+        OTLP never does (its spans are then read by the OTLP classes). Kept until
         ``release``, like the parsed spans."""
         if not self._wire:
             return None
         if self._index is None:
             assert self._payload is not None
-            self._index = index_request(self._payload)
+            try:
+                self._index = index_request(self._payload)
+            except WireError:
+                self._wire = False  # once: the bytes do not change
+                return None
         return self._index
 
     def release(self) -> None:

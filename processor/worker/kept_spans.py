@@ -25,7 +25,6 @@ from processor.core.decoding import resource_values
 from processor.core.otlp_wire import (
     Origin,
     RequestIndex,
-    WireError,
     encode_request,
     origin_of,
     origin_size,
@@ -58,21 +57,19 @@ def kept_spans_of(items: Iterable[SampledSpan]) -> list[KeptSpan]:
 
     A span of a protobuf message is taken from the message's bytes and marked there; one that
     has a ``sampling.reason`` already, or that came as JSON, is parsed and marked by the OTLP
-    classes. The sources this parses are released again."""
+    classes. The messages this reads are released again."""
     kept: list[KeptSpan] = []
-    indexes: dict[int, RequestIndex | None] = {}
-    held: dict[int, MessageSource] = {}
+    # every source read, with its index (None: not protobuf); released again at the end
+    sources: dict[int, tuple[MessageSource, RequestIndex | None]] = {}
+    held: set[int] = set()
     origins: dict[int, Origin] = {}
     for item in items:
         source = item.source
         key = id(source)
-        if key in indexes:
-            index = indexes[key]
-        else:
-            try:
-                index = indexes[key] = source.wire_index()
-            except WireError:
-                index = indexes[key] = None
+        known = sources.get(key)
+        if known is None:
+            known = sources[key] = (source, source.wire_index())
+        index = known[1]
         if index is not None:
             span = index.span_bytes(item.position)
             if _REASON_KEY not in span:
@@ -82,7 +79,7 @@ def kept_spans_of(items: Iterable[SampledSpan]) -> list[KeptSpan]:
                 continue
         if key not in held:
             source.hold()  # one parse per message, not one per span
-            held[key] = source
+            held.add(key)
         pb = item.pb
         if item.reason is not None:
             mark_forwarded(pb, item)
@@ -93,8 +90,8 @@ def kept_spans_of(items: Iterable[SampledSpan]) -> list[KeptSpan]:
                 id(item.origin), wire_origin(item.origin)
             )
         kept.append(KeptSpan(item.trace_id, origin, pb.SerializeToString()))
-    for source in held.values():
-        source.release()
+    for source, _ in sources.values():
+        source.release()  # neither the parsed spans nor the index stay with buffered spans
     return kept
 
 
