@@ -159,8 +159,15 @@ class ForwardConsumer(mode.Service):
                 log.debug("forward poll failed: %r", exc)
                 await asyncio.sleep(POLL_TIMEOUT_MS / 1000)
                 continue
+            saturated = False
             for tp, records in batches.items():
                 for record in records:
+                    saturated = saturated or self.role.forwarder.saturated
+                    if saturated:
+                        # Read again once a slot is free: handed over now, it would wait in
+                        # ``add``, and with it the polls, the commits and the lag readings.
+                        consumer.seek(tp, record.offset)
+                        break
                     await self.role.handle(
                         tp.partition, record.offset, record.timestamp, record.value or b""
                     )
